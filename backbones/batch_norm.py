@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d  # eps explicit, stats + affine as buffers, drops num_batches_tracked
 
 NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "none")
 
-__all__ = ["FrozenBatchNorm2d", "NORMS", "convert_frozen_batchnorm", "get_norm"]
+__all__ = ["FrozenBatchNorm2d", "NORMS", "convert_frozen_batchnorm", "fold_batchnorm", "get_norm"]
 
 
 def get_norm(norm: str | None) -> Callable[[int], nn.Module]:
@@ -34,3 +36,28 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
     BatchNormAct2d; returns the converted module (a new object only if `module` was itself a BN).
     """
     return freeze_batch_norm_2d(module)
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold each eval-mode/frozen BatchNorm that directly follows a conv into that conv (in place).
+
+    The paper notes BN "can be merged" at inference: conv+BN becomes one conv with a bias. Pairs are
+    found by name the way ResNet/VGG lay them out (`convK` -> `bnK` siblings, and `Sequential(conv, bn)`
+    as in `downsample` / vgg16_bn's features). Uses torch's `fuse_conv_bn_weights`.
+    """
+    for parent in module.modules():
+        pairs = []
+        if isinstance(parent, nn.Sequential):
+            children = list(parent.named_children())
+            pairs = [(a, b) for (a, _), (b, _) in zip(children, children[1:])]
+        else:
+            pairs = [(f"conv{i}", f"bn{i}") for i in range(1, 4)]
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, (FrozenBatchNorm2d, nn.BatchNorm2d)) and not bn.training:
+                weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                    bn.weight, bn.bias)
+                conv.weight, conv.bias = weight, bias
+                setattr(parent, bn_name, nn.Identity())
+    return module

@@ -278,6 +278,16 @@ class ResNet(Backbone):
     def has_classifier(self) -> bool:
         return self.num_classes is not None
 
+    def pop_res5(self) -> nn.Sequential:
+        """Hand res5 to a per-RoI box head (the paper's C4 Faster R-CNN); the backbone then ends at res4."""
+        if self.has_classifier or "res5" in self.out_features:
+            raise ValueError("pop_res5 needs a backbone without classifier whose out_features exclude res5")
+        res5 = self.layer4 if self.post_norm is None else nn.Sequential(*self.layer4, self.post_norm, nn.ReLU(inplace=True))
+        del self.layer4
+        self.post_norm = None
+        del self.stage_specs["res5"], self.stage_modules["res5"]
+        return res5
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         check_input(x)
         wanted = set(self.out_features)

@@ -1,0 +1,100 @@
+"""Semantic-segmentation metrics (confusion-matrix mIoU) and multi-scale / flip inference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segmentation.palette import VOID
+
+
+class SegmentationEvaluator:
+    """Accumulates a [num_classes, num_classes] int64 confusion matrix (rows = GT, cols = pred).
+
+    Only the matrix is state, so distributed ranks can sum `confusion` (all-reduce or `merge`)
+    and any rank computes the exact global metrics.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = VOID, class_names: Sequence[str] | None = None) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names or (str(i) for i in range(num_classes)))
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """Add predicted class indices vs ground truth, both [N, H, W] or [H, W]."""
+        pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        keep = target != self.ignore_index
+        pred, target = pred[keep].long(), target[keep].long()
+        n = self.num_classes
+        for name, values in (("prediction", pred), ("target", target)):
+            if values.numel() and (values.min() < 0 or values.max() >= n):
+                raise ValueError(f"{name} has class indices outside [0, {n}) (ignore_index={self.ignore_index})")
+        counts = torch.bincount(target * n + pred, minlength=n * n)
+        self.confusion += counts.reshape(n, n).cpu()
+
+    def merge(self, other_confusion: torch.Tensor | SegmentationEvaluator) -> None:
+        """Add another evaluator's (or rank's) confusion matrix into this one."""
+        if isinstance(other_confusion, SegmentationEvaluator):
+            other_confusion = other_confusion.confusion
+        self.confusion += other_confusion.to(self.confusion)
+
+    def compute(self) -> dict:
+        """mIoU, pixel accuracy, mean class accuracy and per-class IoU.
+
+        A class absent from both GT and prediction has IoU nan and is left out of the means.
+        """
+        confusion = self.confusion.double().numpy()
+        true_pos = np.diag(confusion)
+        gt_count, pred_count = confusion.sum(1), confusion.sum(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = true_pos / (gt_count + pred_count - true_pos)
+            class_acc = true_pos / gt_count
+            pixel_acc = true_pos.sum() / confusion.sum()
+        return {
+            "mIoU": _nanmean(iou),
+            "pixel_acc": float(pixel_acc),
+            "mean_acc": _nanmean(class_acc),
+            "IoU_per_class": dict(zip(self.class_names, iou.tolist())),
+        }
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean over the non-nan entries; nan (without numpy's warning) when there are none."""
+    present = values[~np.isnan(values)]
+    return float(present.mean()) if present.size else float("nan")
+
+
+@torch.no_grad()
+def multiscale_flip_inference(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> torch.Tensor:
+    """Average softmax probabilities over rescaled (bilinear) and h-flipped copies of `image`.
+
+    `model(x)` must return logits at x's resolution (a tensor, or a dict with key "out").
+    Returns the log of the averaged probabilities [N, C, H, W]: valid logits whose softmax is
+    the average, so callers can treat them like a single forward pass.
+    """
+    if not scales:
+        raise ValueError("multiscale_flip_inference needs at least one scale")
+    height, width = image.shape[-2:]
+    prob_sum, views = 0.0, 0
+    for scale in scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            out = model(scaled.flip(-1) if flipped else scaled)
+            logits = out["out"] if isinstance(out, dict) else out
+            logits = logits.flip(-1) if flipped else logits
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            prob_sum = prob_sum + logits.float().softmax(1)
+            views += 1
+    return (prob_sum / views).clamp_min(torch.finfo(torch.float32).tiny).log()

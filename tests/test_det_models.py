@@ -1,0 +1,111 @@
+"""Faster R-CNN shapes: torchvision equivalence (FPN), the paper's C4 head, the VGG-16 baseline."""
+import pytest
+import torch
+import torchvision
+
+from backbones import FrozenBatchNorm2d, fold_batchnorm
+from detection.models import build_detector
+
+
+def model_cfg(head: str, name: str, num_classes: int = 3, **overrides) -> dict:
+    cfg = dict(
+        head=head, num_classes=num_classes,
+        backbone=dict(name=name, freeze_at=2, norm="FrozenBN", weights=None, options={}),
+        anchor_sizes=[32, 64, 128, 256, 512] if head == "fpn" else [16, 32, 64], aspect_ratios=[0.5, 1.0, 2.0],
+        rpn=dict(pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000,
+                 post_nms_top_n_test=1000, batch_size_per_image=256),
+        roi=dict(batch_size_per_image=32, score_thresh=0.0, nms_thresh=0.5, detections_per_img=100),
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def test_r50_fpn_loads_torchvision_state_dict_and_gives_the_same_detections():
+    torch.manual_seed(0)
+    reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=192, max_size=192, box_score_thresh=0.0).eval()
+    ours = build_detector(model_cfg("fpn", "resnet50", num_classes=90)).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    image = torch.rand(3, 192, 192)  # already at torchvision's target size, so its resize is the identity
+    with torch.no_grad():
+        expected, got = reference([image])[0], ours([image])[0]
+    assert len(got["boxes"]) > 0
+    torch.testing.assert_close(got["boxes"], expected["boxes"])
+    torch.testing.assert_close(got["scores"], expected["scores"])
+    assert torch.equal(got["labels"], expected["labels"])
+
+
+def targets():
+    return [dict(boxes=torch.tensor([[10.0, 12.0, 50.0, 60.0]]), labels=torch.tensor([1])),
+            dict(boxes=torch.tensor([[5.0, 5.0, 40.0, 30.0], [60.0, 40.0, 90.0, 90.0]]), labels=torch.tensor([2, 3]))]
+
+
+@pytest.mark.parametrize("head, name", [("c4", "resnet18"), ("fpn", "resnet18"), ("vgg", "vgg16"),
+                                        ("fpn", "timm:resnet18")])
+def test_each_head_trains_and_predicts(head, name):
+    torch.manual_seed(0)
+    model = build_detector(model_cfg(head, name))
+    images = [torch.rand(3, 96, 128), torch.rand(3, 112, 96)]
+    losses = model(images, targets())
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    assert detections[1]["boxes"].shape[1] == 4
+    assert detections[1]["boxes"][:, 2].max() <= 96  # clipped to the (unresized) image
+
+
+def test_c4_runs_res5_per_roi_on_stride_16_features():
+    model = build_detector(model_cfg("c4", "resnet50"))
+    assert model.backbone.body.output_shape() == {"res4": (1024, 16)}
+    assert not hasattr(model.backbone.body, "layer4")
+    assert model.roi_heads.box_head.res5[0].conv2.stride == (2, 2)  # first res5 block halves the 14x14 RoI
+    assert model.roi_heads.box_predictor.cls_score.in_features == 2048
+    assert isinstance(model.roi_heads.box_head.res5[0].bn1, FrozenBatchNorm2d)
+    assert model.roi_heads.box_roi_pool.output_size == (14, 14)
+
+
+def test_vgg_head_reuses_fc6_fc7_on_conv5_3():
+    model = build_detector(model_cfg("vgg", "vgg16"))
+    assert model.backbone.body.output_shape() == {"conv5": (512, 16)}
+    assert model.roi_heads.box_head.fc[0].in_features == 512 * 7 * 7
+    assert model.roi_heads.box_predictor.cls_score.in_features == 4096
+    assert not hasattr(model.backbone.body, "classifier")
+
+
+def test_bgr_preprocessing_from_weights_reaches_the_detector(tmp_path):
+    from backbones import Preprocessing, build_backbone, save_backbone
+
+    backbone = build_backbone("resnet18")
+    backbone.preprocessing = Preprocessing("BGR", (0.4, 0.45, 0.5), (0.01, 0.01, 0.01))
+    save_backbone(backbone, tmp_path / "bb.pth", name="resnet18")
+    cfg = model_cfg("c4", "resnet18")
+    cfg["backbone"]["weights"] = str(tmp_path / "bb.pth")
+    with pytest.warns(UserWarning, match="preprocessing"):
+        model = build_detector(cfg)
+    assert model.transform.preprocessing.channel_order == "BGR"
+    image = torch.rand(3, 8, 8)
+    expected = (image.flip(0) - torch.tensor([0.4, 0.45, 0.5]).view(3, 1, 1)) / 0.01
+    torch.testing.assert_close(model.transform.normalize(image), expected)
+
+
+def test_folding_frozen_bn_keeps_detections():
+    torch.manual_seed(0)
+    model = build_detector(model_cfg("fpn", "resnet18")).eval()
+    image = torch.rand(3, 128, 128)
+    with torch.no_grad():
+        before = model([image])[0]
+        fold_batchnorm(model)
+        after = model([image])[0]
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(after["boxes"][:10], before["boxes"][:10], atol=1e-3, rtol=1e-3)
+
+
+def test_invalid_head_and_incompatible_backbones():
+    with pytest.raises(ValueError, match="c4.*fpn.*vgg"):
+        build_detector(model_cfg("retina", "resnet18"))
+    with pytest.raises(ValueError, match="ResNet-family"):
+        build_detector(model_cfg("c4", "vgg16"))
+    with pytest.raises(ValueError, match="VGG"):
+        build_detector(model_cfg("vgg", "resnet18"))
