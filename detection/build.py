@@ -1,0 +1,54 @@
+"""From the `data` / `eval` sections of a detection config to records, datasets and evaluators.
+
+Shared by tools/train_det.py, test_det.py and visualize_det.py so they read data the same way.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .datasets import VOC_CLASSES, DetectionDataset, ImageRecord, load_coco_records, load_voc_records
+from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco
+from .synthetic import generate_shapes_dataset
+from .transforms import build_det_transforms
+
+FORMATS = ("coco", "voc")
+METRICS = ("coco", "voc07", "voc12")
+
+
+def prepare_synthetic(data: Mapping[str, Any]) -> None:
+    """The built-in demo: write the generated shapes dataset (idempotent) where the config points."""
+    if data["synthetic"]:
+        generate_shapes_dataset(data["root"])
+
+
+def load_split(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], list[str], list[int] | None]:
+    """Records, class names and (COCO) category ids of `data.train` or `data.val`."""
+    if data["format"] not in FORMATS:
+        raise ValueError(f"data.format={data['format']!r} is not one of {list(FORMATS)}")
+    part = data[split]
+    if data["format"] == "coco":
+        return load_coco_records(part["images"], part["annotations"], skip_invalid=data["skip_invalid"])
+    class_names = list(data["class_names"] or VOC_CLASSES)
+    roots = (part.get("roots") or [data["root"]]) if split == "train" else [data["root"]]
+    records = [record for root in roots for record in
+               load_voc_records(root, part["split"], class_names=class_names, skip_invalid=data["skip_invalid"])]
+    return records, class_names, None
+
+
+def build_dataset(data: Mapping[str, Any], records: list[ImageRecord], train: bool) -> DetectionDataset:
+    sizes = list(data["min_size"]) if not isinstance(data["min_size"], int) else [data["min_size"]]
+    transform = build_det_transforms(train, sizes if train else max(sizes), data["max_size"], flip_prob=data["flip_prob"])
+    return DetectionDataset(records, transform)
+
+
+def build_evaluator(metric: str, backend: str, data: Mapping[str, Any], records: list[ImageRecord],
+                    class_names: list[str], cat_ids: list[int] | None) -> CocoEvaluator | VOCEvaluator:
+    """COCO AP against the original json (crowd regions included) or against the records; VOC AP on records."""
+    if metric not in METRICS:
+        raise ValueError(f"eval.metric={metric!r} is not one of {list(METRICS)}")
+    if metric == "coco":
+        if data["format"] == "coco":
+            return CocoEvaluator(data["val"]["annotations"], cat_ids, backend=backend)
+        ids = list(range(1, len(class_names) + 1))
+        return CocoEvaluator(records_to_coco(records, class_names, ids), ids, backend=backend)
+    return VOCEvaluator(records, class_names, use_07_metric=metric == "voc07")

@@ -1,0 +1,271 @@
+"""COCO and PASCAL VOC annotations as one in-memory record type, validated when loaded.
+
+Loading checks everything that can be checked without decoding images (files exist, boxes inside the image,
+known classes), so a bad annotation fails at start-up naming its file and object, not mid-epoch as a NaN loss.
+Boxes are float32 xyxy pixels with x2/y2 exclusive (COCO's x + w); labels are contiguous 1..K, 0 = background.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+logger = logging.getLogger(__name__)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (annotation round-off); it is clipped back
+
+
+class DatasetError(ValueError):
+    """A dataset file or annotation is unusable; the message names the file and the object."""
+
+
+@dataclass
+class ImageRecord:
+    path: str
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [N, 4] xyxy pixels, x2/y2 exclusive
+    labels: np.ndarray  # int64 [N], 1..K
+    ignore: np.ndarray  # bool [N]: COCO iscrowd / VOC difficult
+    image_id: int
+
+
+class _Problems:
+    """Raise on the first bad item, or with skip_invalid log it, count it, and summarise once at the end."""
+
+    def __init__(self, source: Path, skip_invalid: bool):
+        self.source, self.skip_invalid, self.count = source, skip_invalid, 0
+
+    def __call__(self, message: str) -> None:
+        if not self.skip_invalid:
+            raise DatasetError(message)
+        logger.warning("skipped: %s", message)
+        self.count += 1
+
+    def summarize(self) -> None:
+        if self.count:
+            logger.warning("%s: skipped %d invalid item(s) (skip_invalid=True)", self.source, self.count)
+
+
+def _checked_box(box: Sequence[float], width: int, height: int) -> tuple[np.ndarray | None, str]:
+    """The box clipped to the image if it overhangs by at most BOX_TOLERANCE, else (None, why)."""
+    b = np.asarray(box, dtype=np.float64)
+    if b.shape != (4,) or not np.isfinite(b).all():
+        return None, "is not 4 finite numbers"
+    if b[0] < -BOX_TOLERANCE or b[1] < -BOX_TOLERANCE or b[2] > width + BOX_TOLERANCE or b[3] > height + BOX_TOLERANCE:
+        return None, f"lies outside the {width}x{height} image"
+    b = np.clip(b, 0, [width, height, width, height])
+    if b[2] <= b[0] or b[3] <= b[1]:
+        return None, "has zero or negative area"
+    return b.astype(np.float32), ""
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) by decoding: only for annotations that do not record the size."""
+    height, width = read_image(path).shape[:2]
+    return width, height
+
+
+def _record(path: Path, width: int, height: int, boxes: list, labels: list, ignore: list, image_id: int) -> ImageRecord:
+    return ImageRecord(path=str(path), width=int(width), height=int(height),
+                       boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                       labels=np.asarray(labels, dtype=np.int64), ignore=np.asarray(ignore, dtype=bool),
+                       image_id=int(image_id))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """HxWx3 uint8 RGB (grayscale files are expanded to 3 channels)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(f"{path}: cannot read image (missing, truncated or not an image)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _read_coco_json(annotations_json: Path) -> dict:
+    try:
+        with open(annotations_json) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{annotations_json}: cannot read COCO json: {e}") from e
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
+        raise DatasetError(f"{annotations_json}: not COCO instances json (needs 'images' and 'categories' lists)")
+    return data
+
+
+def _coco_image(images_dir: Path, img: dict, anns: list[dict], label_of: dict[int, int], annotations_json: Path,
+                problem: _Problems) -> ImageRecord | None:
+    """One COCO image's record, or None when its file is missing (and skip_invalid is on)."""
+    image_id, path = int(img["id"]), images_dir / str(img.get("file_name", ""))
+    if not path.is_file():
+        problem(f"{annotations_json}: image id {image_id}: file {path} does not exist")
+        return None
+    width, height = (img["width"], img["height"]) if img.get("width") and img.get("height") else _image_size(path)
+    boxes, labels, ignore = [], [], []
+    for ann in anns:
+        where = f"{annotations_json}: annotation id {ann.get('id')} (image {path.name})"
+        if ann.get("category_id") not in label_of:
+            problem(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
+            continue
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            x = y = w = h = np.nan
+        box, why = _checked_box([x, y, x + w, y + h], width, height)
+        if box is None:
+            problem(f"{where}: bbox {ann.get('bbox')} (xywh) {why}")
+            continue
+        boxes.append(box)
+        labels.append(label_of[ann["category_id"]])
+        ignore.append(bool(ann.get("iscrowd", 0)))
+    return _record(path, width, height, boxes, labels, ignore, image_id)
+
+
+def load_coco_records(images_dir: str | Path, annotations_json: str | Path, *,
+                      skip_invalid: bool = False) -> tuple[list[ImageRecord], list[str], list[int]]:
+    """Records, class names and COCO category ids; label k is category `cat_ids[k - 1]` (sorted by id).
+    Images without annotations are kept: they are valid negatives."""
+    images_dir, annotations_json = Path(images_dir), Path(annotations_json)
+    data = _read_coco_json(annotations_json)
+    try:
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        cat_ids = [int(c["id"]) for c in categories]
+        class_names = [str(c["name"]) for c in categories]
+        images = {int(img["id"]): img for img in data["images"]}
+    except (KeyError, TypeError) as e:
+        raise DatasetError(f"{annotations_json}: malformed 'categories' or 'images' entry ({e!r})") from e
+    label_of = {cat_id: k for k, cat_id in enumerate(cat_ids, start=1)}
+    problem = _Problems(annotations_json, skip_invalid)
+    anns_of: dict[int, list[dict]] = defaultdict(list)
+    for ann in data.get("annotations", []):
+        if ann.get("image_id") in images:
+            anns_of[ann["image_id"]].append(ann)
+        else:
+            problem(f"{annotations_json}: annotation id {ann.get('id')} refers to unknown image_id "
+                    f"{ann.get('image_id')}")
+    records = [_coco_image(images_dir, img, anns_of[image_id], label_of, annotations_json, problem)
+               for image_id, img in images.items()]
+    problem.summarize()
+    return [r for r in records if r is not None], class_names, cat_ids
+
+
+def _voc_image(root: Path, name: str, image_id: int, class_names: Sequence[str],
+               problem: _Problems) -> ImageRecord | None:
+    """One VOC image's record, or None when the image itself is unusable (and skip_invalid is on)."""
+    xml_path, path = root / "Annotations" / f"{name}.xml", root / "JPEGImages" / f"{name}.jpg"
+    if not path.is_file():
+        problem(f"{xml_path}: image file {path} does not exist")
+        return None
+    try:
+        tree = ET.parse(xml_path)
+    except (OSError, ET.ParseError) as e:
+        problem(f"{xml_path}: cannot parse VOC XML: {e}")
+        return None
+    size = tree.find("size")
+    try:
+        width, height = int(float(size.findtext("width"))), int(float(size.findtext("height")))
+    except (AttributeError, TypeError, ValueError):
+        width = height = 0
+    if width <= 0 or height <= 0:
+        width, height = _image_size(path)
+
+    label_of = {n: k for k, n in enumerate(class_names, start=1)}
+    boxes, labels, ignore = [], [], []
+    for index, obj in enumerate(tree.findall("object")):
+        cls = (obj.findtext("name") or "").strip()
+        where = f"{xml_path}: object {index} ({cls!r})"
+        if cls not in label_of:
+            problem(f"{where}: unknown class name, expected one of {list(class_names)}")
+            continue
+        bndbox = obj.find("bndbox")
+        try:  # VOC is 1-based inclusive: 0-based exclusive is (x1 - 1, y1 - 1, x2, y2)
+            x1, y1, x2, y2 = (float(bndbox.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (AttributeError, TypeError, ValueError):
+            problem(f"{where}: missing or non-numeric <bndbox>")
+            continue
+        box, why = _checked_box([x1 - 1, y1 - 1, x2, y2], width, height)
+        if box is None:
+            problem(f"{where}: bndbox {[x1, y1, x2, y2]} (1-based inclusive) {why}")
+            continue
+        boxes.append(box)
+        labels.append(label_of[cls])
+        ignore.append((obj.findtext("difficult") or "0").strip() == "1")
+    return _record(path, width, height, boxes, labels, ignore, image_id)
+
+
+def load_voc_records(root: str | Path, split: str, *, class_names: Sequence[str] = VOC_CLASSES,
+                     skip_invalid: bool = False) -> list[ImageRecord]:
+    """Records of `root/ImageSets/Main/<split>.txt` for a VOC20xx folder; image_id = index in the split list;
+    `difficult` objects are kept with ignore=True."""
+    root = Path(root)
+    split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    try:
+        names = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise DatasetError(f"{split_file}: cannot read VOC split list: {e}") from e
+    problem = _Problems(split_file, skip_invalid)
+    records = [_voc_image(root, name, image_id, class_names, problem) for image_id, name in enumerate(names)]
+    problem.summarize()
+    return [r for r in records if r is not None]
+
+
+class DetectionDataset(Dataset):
+    """(image [3, H, W] float32 RGB in [0, 1], target) pairs. Targets hold only non-ignored boxes: crowd /
+    difficult objects are not training targets; evaluators read them from the records."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable | None = None):
+        self.records = list(records)
+        self.transform = transform
+        self._worker_seed: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        record = self.records[index]
+        image = read_image(record.path)
+        if image.shape[:2] != (record.height, record.width):
+            raise DatasetError(f"{record.path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says "
+                               f"{record.width}x{record.height} (image id {record.image_id})")
+        keep = ~record.ignore
+        boxes, labels = record.boxes[keep], record.labels[keep]
+        if self.transform is not None:
+            self._reseed_in_worker()
+            out = self.transform(image=image, bboxes=boxes, labels=labels)
+            image = out["image"]
+            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+            labels = np.asarray(out["labels"], dtype=np.int64)
+        target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+                  "image_id": record.image_id, "orig_size": (record.height, record.width)}
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
+        return tensor, target
+
+    def _reseed_in_worker(self) -> None:
+        """albumentations keeps its own RNG, which DataLoader workers would all inherit in the same state (and,
+        without persistent workers, restart from every epoch): reseed it from the worker's per-epoch torch seed."""
+        worker = get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(worker.seed % 2**32)
+            self._worker_seed = worker.seed
+
+    def aspect_ratios(self) -> list[float]:
+        """Width / height per record, from the annotations (no decoding), for aspect-ratio grouping."""
+        return [r.width / r.height for r in self.records]
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images differ in size, so a batch stays a list; the model pads them itself."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)

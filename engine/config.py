@@ -1,0 +1,169 @@
+"""Experiment configuration: one default YAML per tool is the schema; files and CLI override it.
+
+Merge order is default <- config file (after its ``_base_`` chain) <- ``key=value`` overrides.
+Every layer is checked against the default before merging, so a typo fails loudly with a
+suggestion instead of silently training with the default value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BASE_KEY = "_base_"
+COMMAND_LINE = "command line"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the tool's default schema."""
+
+
+def load_config(
+    default_yaml: str | Path,
+    config_path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> DictConfig:
+    """Merge default <- config file <- CLI overrides, validate keys, return the resolved config.
+
+    The result is in struct mode, so code cannot add keys the schema lacks; empty-dict
+    defaults (``options: {}``) stay open for free-form keys.
+    """
+    default = OmegaConf.load(default_yaml)
+    schema = OmegaConf.to_container(default, resolve=False)
+    layers = _file_layers(Path(config_path)) if config_path is not None else []
+    layers += [(COMMAND_LINE, _parse_override(item)) for item in overrides]
+    valid_keys = _key_paths(schema)
+    for source, layer in layers:
+        _check_layer(layer, schema, source, valid_keys)
+    cfg = OmegaConf.merge(default, *(layer for _, layer in layers))
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Cannot resolve config key '{err.full_key}': {err.msg}") from err
+    OmegaConf.set_struct(cfg, True)
+    _open_free_form(cfg, schema)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, so a run directory records exactly what was trained."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def parse_args(
+    description: str, default_yaml: str | Path, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, DictConfig]:
+    """The CLI shared by the training tools; config errors exit with a usage message."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, help="experiment YAML (may use _base_)")
+    parser.add_argument("--resume", action="store_true", help="resume from OUTPUT_DIR/last.pth")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(default_yaml, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        parser.error(str(err))
+    return args, cfg
+
+
+def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """The file's ``_base_`` chain (oldest first) followed by the file itself."""
+    if path.resolve() in chain:
+        raise ConfigError(f"_base_ cycle: {' -> '.join(map(str, chain + (path,)))}")
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file not found: {path}")
+    layer = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = layer.pop(BASE_KEY, None)
+    bases = _file_layers(path.parent / base, chain + (path.resolve(),)) if base else []
+    return bases + [(str(path), layer)]
+
+
+def _parse_override(item: str) -> dict:
+    """``a.b=value`` with the value parsed as YAML (numbers, lists, null...)."""
+    if "=" not in item or not item.split("=", 1)[0]:
+        raise ConfigError(f"Override '{item}' on the {COMMAND_LINE} must look like key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Cannot parse override '{item}' on the {COMMAND_LINE}: {err}") from err
+
+
+def _check_layer(
+    layer: dict, schema: dict, source: str, valid_keys: list[str], prefix: str = ""
+) -> None:
+    """Every key must exist in the schema (unless under a free-form ``{}``) with a matching kind."""
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(_unknown_key_message(path, source, valid_keys))
+        expected = schema[key]
+        _check_kind(path, expected, value, source)
+        if isinstance(expected, dict) and expected and isinstance(value, dict):
+            _check_layer(value, expected, source, valid_keys, prefix=f"{path}.")
+
+
+def _unknown_key_message(path: str, source: str, valid_keys: list[str]) -> str:
+    """Suggest the keys nearest to ``path`` (difflib), else keys with the same leaf name."""
+    ratio = lambda key: difflib.SequenceMatcher(None, path, key).ratio()  # noqa: E731
+    scored = sorted(((ratio(key), key) for key in valid_keys), reverse=True)
+    best = scored[0][0] if scored else 0.0
+    close = [key for ratio, key in scored[:3] if ratio >= max(0.6, best - 0.1)]
+    leaf = path.rsplit(".", 1)[-1]
+    close = close or [key for key in valid_keys if key.rsplit(".", 1)[-1] == leaf][:3]
+    hint = " or ".join(f"'{key}'" for key in close)
+    suggestion = f"; did you mean {hint}?" if close else ""
+    return f"Unknown config key '{path}' from {source}{suggestion}"
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "scalar"
+
+
+def _check_kind(path: str, expected: Any, value: Any, source: str) -> None:
+    """Containers stay containers and bool/number defaults stay typed; null and ${...} pass."""
+    if expected is None or value is None or (isinstance(value, str) and "${" in value):
+        return
+    want, got = _kind(expected), _kind(value)
+    if want != got and not (want == "scalar" and got in ("bool", "number")):
+        raise ConfigError(f"Config key '{path}' from {source} expects a {want}, got {value!r}")
+
+
+def _key_paths(schema: dict, prefix: str = "") -> list[str]:
+    """All dotted key paths, sections included, as candidates for suggestions."""
+    paths = []
+    for key, value in schema.items():
+        paths.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            paths += _key_paths(value, prefix=f"{prefix}{key}.")
+    return paths
+
+
+def _open_free_form(cfg: DictConfig, schema: dict) -> None:
+    """Free-form ``{}`` sections accept any key even though the config is in struct mode."""
+    for key, value in schema.items():
+        node = cfg.get(key)
+        if isinstance(value, dict) and isinstance(node, DictConfig):
+            if value:
+                _open_free_form(node, value)
+            else:
+                OmegaConf.set_struct(node, False)

@@ -1,0 +1,107 @@
+"""Thin torch.distributed helpers that degrade to no-ops in a single process.
+
+Tools launched with ``torchrun`` and with plain ``python`` run the same code path.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from the torchrun env; joins the process group if world_size > 1.
+
+    ``device="cuda"`` becomes ``cuda:LOCAL_RANK`` so each process owns one GPU.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    target = torch.device(device)
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={device!r} requested but CUDA is unavailable; use cpu")
+        if target.index is None:
+            target = torch.device("cuda", local_rank)
+        torch.cuda.set_device(target)
+    if world_size > 1 and not is_distributed():
+        if target.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=target)
+        else:
+            dist.init_process_group(backend="gloo")
+    return rank, world_size, target
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 is the one that logs, writes files and saves checkpoints."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks, as a new tensor (the input is left untouched)."""
+    total = tensor.clone()
+    if is_distributed():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def reduce_dict_mean(scalars: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over ranks of each scalar tensor, as floats for logging (one collective for all)."""
+    if not scalars:
+        return {}
+    keys = sorted(scalars)
+    stacked = torch.stack([scalars[k].detach().float().reshape(()) for k in keys])
+    mean = all_reduce_sum(stacked) / get_world_size()
+    return dict(zip(keys, mean.tolist()))
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch (all devices) with ``seed + rank``.
+
+    Offsetting by rank keeps runs reproducible while ranks draw different augmentations.
+    """
+    seed = seed + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Torch already seeds each worker (base seed + worker_id) for torch and python; numpy too."""
+    np.random.seed(torch.initial_seed() % 2**32)
