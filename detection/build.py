@@ -17,12 +17,20 @@ METRICS = ("coco", "voc07", "voc12")
 
 def prepare_synthetic(data: Mapping[str, Any]) -> None:
     """The built-in demo: write the generated shapes dataset (idempotent) where the config points."""
-    if data["synthetic"]:
-        generate_shapes_dataset(data["root"])
+    spec = data["synthetic"]
+    if spec["enabled"]:
+        generate_shapes_dataset(data["root"], num_train=spec["num_train"], num_val=spec["num_val"],
+                                image_size=spec["image_size"])
 
 
 def load_split(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], list[str], list[int] | None]:
-    """Records, class names and (COCO) category ids of `data.train` or `data.val`."""
+    """Records, class names and (COCO) category ids of `data.train` or `data.val` (the first
+    `data.<split>_limit` images when set)."""
+    records, class_names, cat_ids = _load_all(data, split)
+    return records[: data[f"{split}_limit"]], class_names, cat_ids
+
+
+def _load_all(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], list[str], list[int] | None]:
     if data["format"] not in FORMATS:
         raise ValueError(f"data.format={data['format']!r} is not one of {list(FORMATS)}")
     part = data[split]
@@ -47,8 +55,8 @@ def build_evaluator(metric: str, backend: str, data: Mapping[str, Any], records:
     if metric not in METRICS:
         raise ValueError(f"eval.metric={metric!r} is not one of {list(METRICS)}")
     if metric == "coco":
-        if data["format"] == "coco":
+        if data["format"] == "coco" and not data["val_limit"]:
             return CocoEvaluator(data["val"]["annotations"], cat_ids, backend=backend)
-        ids = list(range(1, len(class_names) + 1))
+        ids = cat_ids or list(range(1, len(class_names) + 1))
         return CocoEvaluator(records_to_coco(records, class_names, ids), ids, backend=backend)
     return VOCEvaluator(records, class_names, use_07_metric=metric == "voc07")

@@ -13,6 +13,7 @@ adapter from our named stages.
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -171,3 +172,9 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
     model.transform = NormalizeOnlyTransform(body.preprocessing, size_divisible=body.size_divisibility)
     return model
 
+
+
+def load_detector_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """ResDet checkpoints keep the model under "model"; torchvision's files are the bare state dict."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("model", state))

@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"--resume: no last.pth in {cfg.output_dir}")
     if resume_path is not None:
         state = load_checkpoint(resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start_epoch, iteration = state["epoch"], state["iteration"]
-        print(f"resumed from {resume_path} at epoch {start_epoch}, iteration {iteration}")
+        iteration = state["iteration"]
+        start_epoch = iteration // iters_per_epoch  # a partly done epoch restarts its data order, not its schedule
+        print(f"resumed from {resume_path} at iteration {iteration}")
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
                 raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: {losses}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if cfg.train.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
