@@ -116,13 +116,12 @@ def _check_layer(
 
 def _unknown_key_message(path: str, source: str, valid_keys: list[str]) -> str:
     """Suggest the keys nearest to ``path`` (difflib), else keys with the same leaf name."""
-    ratio = lambda key: difflib.SequenceMatcher(None, path, key).ratio()  # noqa: E731
-    scored = sorted(((ratio(key), key) for key in valid_keys), reverse=True)
-    best = scored[0][0] if scored else 0.0
-    close = [key for ratio, key in scored[:3] if ratio >= max(0.6, best - 0.1)]
+    ratios = {key: difflib.SequenceMatcher(None, path, key).ratio() for key in valid_keys}
+    cutoff = max(0.6, max(ratios.values(), default=0.0) - 0.1)
+    close = sorted((key for key in ratios if ratios[key] >= cutoff), key=ratios.get, reverse=True)
     leaf = path.rsplit(".", 1)[-1]
-    close = close or [key for key in valid_keys if key.rsplit(".", 1)[-1] == leaf][:3]
-    hint = " or ".join(f"'{key}'" for key in close)
+    close = close or [key for key in valid_keys if key.rsplit(".", 1)[-1] == leaf]
+    hint = " or ".join(f"'{key}'" for key in close[:3])
     suggestion = f"; did you mean {hint}?" if close else ""
     return f"Unknown config key '{path}' from {source}{suggestion}"
 

@@ -139,7 +139,8 @@ def test_parse_args(tmp_path, default_yaml):
 
 
 def tiny_model() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    layers = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)]
+    return nn.Sequential(*layers)
 
 
 def train_step(model, optimizer, scheduler, seed: int) -> torch.Tensor:
@@ -291,7 +292,7 @@ def test_single_process_helpers():
     assert distributed.reduce_dict_mean({"loss": torch.tensor(2.0)}) == {"loss": 2.0}
     distributed.barrier()
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(RuntimeError, match="CUDA is unavailable"):
             distributed.init_distributed("cuda")
 
 
@@ -304,7 +305,7 @@ def test_seed_everything_is_reproducible():
     assert not torch.equal(a, torch.rand(3))
 
 
-def _gloo_worker(rank: int, world_size: int, port: int) -> None:
+def _gloo_worker(rank: int, world_size: int, port: int, out_dir: Path) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -317,7 +318,9 @@ def _gloo_worker(rank: int, world_size: int, port: int) -> None:
         assert distributed.all_reduce_sum(x).tolist() == [2.0, 1.0]
         assert x.tolist() == [1.0, float(rank)]  # input untouched
         assert distributed.reduce_dict_mean({"loss": torch.tensor(float(rank))}) == {"loss": 0.5}
+        RunOutput(out_dir / f"rank{rank}", OmegaConf.create({})).write_metrics({"a": 1})
         distributed.barrier()
+        assert [p.name for p in out_dir.iterdir()] == ["rank0"]  # only the main rank writes
     finally:
         distributed.cleanup()
 
@@ -328,5 +331,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo():
-    mp.spawn(_gloo_worker, args=(2, free_port()), nprocs=2, join=True)
+def test_two_process_gloo(tmp_path):
+    # fork: the workers inherit the imported modules instead of re-importing torch (seconds each)
+    mp.start_processes(_gloo_worker, args=(2, free_port(), tmp_path), nprocs=2, start_method="fork")
