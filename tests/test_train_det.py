@@ -29,14 +29,14 @@ def train_losses(output_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory):
-    """Overfit 8 generated images and evaluate on the same 8: the detector must really learn."""
+    """Overfit 4 generated images and evaluate on the same 4: the detector must really learn."""
     tmp = tmp_path_factory.mktemp("shapes")
     root, out = tmp / "shapes", tmp / "run"
     val = [f"data.val.images={root}/train", f"data.val.annotations={root}/annotations/instances_train.json"]
     metrics = train_det.main([*TINY, f"data.root={root}", *val, f"output_dir={out}", "data.synthetic.image_size=64",
                               "data.min_size=[64]", "data.max_size=64", "model.anchor_sizes=[8,16,32,64,128]",
-                              "data.train_limit=8", "data.val_limit=8", "data.flip_prob=0", "train.batch_size=8",
-                              "train.iters=60", "train.lr=0.01", "train.warmup_iters=10", "eval.every=0",
+                              "data.train_limit=4", "data.val_limit=4", "data.flip_prob=0", "train.batch_size=4",
+                              "train.iters=50", "train.lr=0.01", "train.warmup_iters=10", "eval.every=0",
                               "train.lr_steps=[0.8]"])
     return out, metrics
 
@@ -49,7 +49,7 @@ def test_default_config_run_writes_its_outputs_and_learns(shapes_run):
     written = json.loads((out / "metrics.json").read_text())
     assert set(written) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert written["AP50"] == pytest.approx(metrics["AP50"])
-    assert metrics["AP50"] > 0.5, metrics  # overfitting 8 images of 3 clear shapes
+    assert metrics["AP50"] > 0.5, metrics  # overfitting 4 images of 3 clear shapes
 
 
 def test_test_det_and_visualize_det_use_the_checkpoint(shapes_run, tmp_path):
@@ -69,9 +69,9 @@ def test_resume_continues_from_the_saved_iteration(shapes_run, tmp_path):
     out.mkdir()
     (out / "last.pth").write_bytes((source / "last.pth").read_bytes())
     config = source / "config.yaml"
-    train_det.main(["--config", str(config), "--resume", f"output_dir={out}", "train.iters=82", "data.val_limit=2"])
+    train_det.main(["--config", str(config), "--resume", f"output_dir={out}", "train.iters=52", "data.val_limit=2"])
     iterations = [record["iteration"] for record in history(out) if "loss" in record]
-    assert iterations == [81, 82]
+    assert iterations == [51, 52]
 
 
 def test_mistyped_key_suggests_the_nearest(capsys):

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluator = build_evaluator(cfg.eval.metric, cfg.eval.backend, cfg.data, val_records, class_names, cat_ids)
         return evaluate(model, val_loader, evaluator, device, amp=amp)
 
-    metrics: dict = {}
+    metrics: dict | None = None  # {} on ranks other than 0 once evaluated
     if args.eval_only:
         num_epochs = start_epoch  # skip training
     # --- train
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             output.append_history({"iteration": iteration, "epoch": epoch + 1, **_scalars(metrics, "val/")})
 
     # --- final evaluation (already done after the last epoch unless we only evaluated or had nothing to train)
-    if not metrics:
+    if metrics is None:
         metrics = run_evaluation()
     output.write_metrics(metrics)
     if is_main_process():
