@@ -1,0 +1,72 @@
+"""Evaluate a segmentation checkpoint on the val split, optionally with multi-scale + flip inference.
+
+    python tools/test_seg.py --config outputs/seg_default/config.yaml --checkpoint outputs/seg_default/last.pth
+    python tools/test_seg.py --config ... --checkpoint ... eval.scales=[0.75,1.0,1.25] eval.flip=true --out ms.json
+    torchrun --nproc_per_node=8 tools/test_seg.py --config ... --checkpoint ... device=cuda
+
+Writes the metrics (mIoU, pixel_acc, mean_acc, IoU_per_class) as JSON to --out
+(default: test_metrics.json next to the checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.config import ConfigError, load_config  # noqa: E402
+from engine.distributed import cleanup, init_distributed, is_main_process  # noqa: E402
+from segmentation.models import build_segmentation_model  # noqa: E402
+from train_seg import (DEFAULT_CONFIG, build_dataset, check_classes, evaluate, prepare_synthetic, report,  # noqa: E402
+                       shard)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="the run's config.yaml (or any seg config)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="last.pth written by tools/train_seg.py")
+    parser.add_argument("--out", type=Path, help="metrics JSON (default: test_metrics.json next to the checkpoint)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.flip=true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        parser.error(str(err))
+    rank, world_size, device = init_distributed(cfg.device)
+
+    prepare_synthetic(cfg.data)
+    val_set = build_dataset(cfg.data, "val")
+    check_classes(cfg.model.num_classes, val_set)
+    loader = DataLoader(shard(val_set, cfg.data.val_limit, rank, world_size), batch_size=1,
+                        num_workers=cfg.data.num_workers)
+    model = build_segmentation_model(cfg.model).to(device)
+    load_checkpoint(args.checkpoint, model=model, map_location=device)
+    metrics = evaluate(model, loader, val_set.class_names, device, scales=cfg.eval.scales, flip=cfg.eval.flip,
+                       amp=cfg.train.amp and device.type == "cuda")
+
+    out = args.out or args.checkpoint.with_name("test_metrics.json")
+    if is_main_process():
+        report(metrics)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
+        print(f"scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}: metrics written to {out}")
+    cleanup()
+    return metrics
+
+
+def _finite(value: Any) -> Any:
+    """nan (the IoU of a class absent from both labels and predictions) -> null, so the file is valid JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+if __name__ == "__main__":
+    main()
