@@ -1,0 +1,141 @@
+"""tools/benchmark_det.py at tiny settings: the JSON it writes, its equivalence checks, its subprocess path."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("benchmark_det", ROOT / "tools" / "benchmark_det.py")
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["benchmark_det"] = bench
+_spec.loader.exec_module(bench)
+
+# 1 thread: the suite may share the machine, and oversubscribed OpenMP threads are many times slower
+TINY = dict(size=64, batch=2, warmup=1, iters=1, threads=1, device="cpu", backbone="resnet18")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    threads = torch.get_num_threads()  # the benchmark sets its own; leave the rest of the suite as it was
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "benchmarks.json"
+    argv = ["--backbone", "resnet18", "--size", "64", "--warmup", "1", "--iters", "1", "--threads", "1",
+            "--no-isolate", "--out", str(out)]
+    bench.main(argv)
+    return json.loads(out.read_text())
+
+
+def test_json_has_every_field_and_positive_numbers(tiny_run):
+    r = tiny_run
+    for key in ("size", "batch", "warmup", "iters", "threads", "device", "backbone", "score_thresh"):
+        assert key in r["settings"]
+    assert r["settings"]["size"] == 64 and r["settings"]["threads"] == 1
+    for key in ("torch", "torchvision", "cpu_model", "threads", "cpu_count"):
+        assert r["environment"][key]
+    assert r["command"].startswith("python tools/benchmark_det.py")
+    train = r["training"]["ours"]
+    assert train["images_per_s"] > 0 and train["step_s_median"] > 0 and len(train["step_s"]) == 1
+    assert train["torch_threads"] == 1 and train["trainable_params"] > 0
+    assert set(train["first_step_losses"]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert set(r["inference"]) == {"ours", "ours_fold", "ours_fold_channels_last"}  # torchvision only for resnet50
+    for variant, res in r["inference"].items():
+        assert res["ms_per_image_median"] > 0 and len(res["ms"]) == 1
+        assert res["speedup_vs_ours"] > 0 and res["speedup_vs_torchvision"] is None
+        assert {"method", "baseline_mb", "peak_mb", "delta_mb"} <= set(res["memory"])
+        assert res["memory"]["delta_mb"] >= 0
+    assert r["inference"]["ours"]["batchnorms_left"] > 0
+    assert r["inference"]["ours_fold"]["batchnorms_left"] == 0
+
+
+def test_folded_and_channels_last_give_the_same_detections(tiny_run):
+    checks = tiny_run["checks"]
+    fold = checks["fold_float64"]  # exact up to float64 rounding, score threshold 0 -> 100 detections
+    assert fold["passed"]
+    for variant in ("ours_fold", "ours_fold_channels_last"):
+        assert fold[variant]["num_detections"] == [100, 100] and fold[variant]["labels_equal"]
+        assert fold[variant]["max_abs_box_diff"] < 1e-6 and fold[variant]["max_abs_score_diff"] < 1e-8
+        # the float32 timed runs: near-ties of random weights may swap a few, but most must agree
+        assert checks["fold_float32_timed_runs"][variant]["matched_fraction"] >= 0.9
+    assert checks["fold_removes_every_batchnorm"]["passed"]
+
+
+def test_float32_fold_and_channels_last_within_tolerance():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = bench.build_detector(bench.ours_cfg("resnet18", 0.0)).eval()
+    # trained-like BN statistics, so folding actually changes the conv weights
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
+    image = bench.make_images(1, 64, 7)[0]
+    with torch.no_grad():
+        ref_features = model.backbone(model.transform([image])[0].tensors)
+        ref = model([image])[0]
+        bench.fold_batchnorm(model)
+        bench.to_channels_last(model)
+        assert bench.count_batchnorms(model) == 0
+        features = model.backbone(model.transform([image])[0].tensors)
+        got = model([image])[0]
+    for name in ref_features:
+        torch.testing.assert_close(features[name], ref_features[name], rtol=1e-4, atol=1e-4)
+    assert features["p2"].is_contiguous(memory_format=torch.channels_last)
+    assert bench.matched_fraction(ref, got) >= 0.9
+
+
+def test_torchvision_reference_uses_the_frozen_bn_recipe():
+    tv = bench.build_torchvision(64, 0.05)
+    ours = bench.build_detector(bench.ours_cfg("resnet50", 0.05))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tv.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in tv.modules()) == 53
+    trainable = lambda model: sum(p.numel() for p in model.parameters() if p.requires_grad)  # noqa: E731
+    assert trainable(tv) == trainable(ours)
+    assert not tv.backbone.body.conv1.weight.requires_grad and not tv.backbone.body.layer1[0].conv1.weight.requires_grad
+    assert tv.backbone.body.layer2[0].conv1.weight.requires_grad
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    assert tv.transform.min_size == (64,) and tv.transform.max_size == 64
+
+
+def test_subprocess_phase_measures_peak_rss(tmp_path):
+    settings = {**bench.DEFAULTS, **TINY, "warmup": 0}
+    weights = tmp_path / "weights.pt"
+    bench.make_weights(settings, weights)
+    result = bench.run_phase_isolated(dict(phase="infer", model="ours_fold_channels_last", settings=settings,
+                                           weights=str(weights), detections_out=str(tmp_path / "det.pt")))
+    assert result["ms_per_image_median"] > 0 and result["torch_threads"] == 1
+    assert result["memory"]["peak_mb"] >= result["memory"]["baseline_mb"] > 0
+    assert set(torch.load(tmp_path / "det.pt", weights_only=True)) == {"boxes", "scores", "labels"}
+
+
+def test_markdown_table(tiny_run):
+    text = bench.to_markdown(tiny_run)
+    assert "| Training, batch 2 | images/s |" in text
+    assert "| ours + fold BN + channels_last |" in text
+    assert "Checks passed:" in text and "fold_float64" in text
+
+
+def test_resnet50_phases_do_the_same_work_as_torchvision(tmp_path):
+    """The benchmark's own asserts, on its own builders: equal first-step losses, identical detections."""
+    settings = {**bench.DEFAULTS, **TINY, "backbone": "resnet50", "warmup": 0, "score_thresh": 0.0}
+    weights = tmp_path / "weights.pt"
+    bench.make_weights(settings, weights)
+    train = {name: bench.run_phase(dict(phase="train", model=name, settings=settings, weights=str(weights)))
+             for name in ("torchvision", "ours")}
+    assert train["ours"]["first_step_losses"] == train["torchvision"]["first_step_losses"]
+    assert train["ours"]["trainable_params"] == train["torchvision"]["trainable_params"]
+    detections = {}
+    for name in ("torchvision", "ours"):
+        out = tmp_path / f"{name}.pt"
+        bench.run_phase(dict(phase="infer", model=name, settings=settings, weights=str(weights), detections_out=str(out)))
+        detections[name] = torch.load(out, weights_only=True)
+    check = bench.compare_detections(detections["ours"], detections["torchvision"], rtol=1.3e-6, atol=1e-5)
+    assert check["passed"] and check["num_detections"] == [100, 100]

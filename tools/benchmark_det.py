@@ -1,0 +1,512 @@
+"""Speed and memory of our Faster R-CNN R50-FPN next to torchvision's, doing the same work.
+
+    python tools/benchmark_det.py --markdown                              # 512 px, 2 threads, CPU
+    python tools/benchmark_det.py --size 800 --batch 4 --device cuda --iters 20 --markdown
+    python tools/benchmark_det.py --backbone resnet18 --size 256         # ours only, a quick look
+
+Measured (see docs/benchmarks.md for the method and results):
+
+- training throughput (images/s): forward + backward + SGD step on a fixed batch of random images with
+  1-4 random boxes each; torchvision's `fasterrcnn_resnet50_fpn` recipe (FrozenBN, layers 2-4 trainable)
+  against ours (FrozenBN, freeze_at=2);
+- inference latency (ms/image, median, batch 1): torchvision; ours; ours with BN folded into the convs;
+  ours folded + channels_last;
+- peak memory of each (model, phase): on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's
+  peak RSS (VmHWM, reset through /proc/self/clear_refs after the model and inputs are set up), each
+  (model, phase) in a fresh subprocess so no earlier phase's freed-but-cached memory is reused.
+
+Both models carry the same weights (torchvision's randomly initialised state dict, loaded into ours)
+and get the same already-sized images (torchvision's model is built with min_size = max_size = --size,
+so its resize is the identity). The run fails unless the two give the same detections and the same
+first-step training losses, and unless the folded / channels_last variants give ours' detections (in
+float64, where rounding cannot reorder near-tied scores of a randomly initialised model).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torchvision.models import resnet50
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from backbones import fold_batchnorm  # noqa: E402
+from detection.models import build_detector  # noqa: E402
+
+NUM_CLASSES = 90  # COCO's foreground classes; torchvision counts 91 with the background
+INFER_VARIANTS = ("torchvision", "ours", "ours_fold", "ours_fold_channels_last")
+TRAIN_MODELS = ("torchvision", "ours")
+RESULT_TAG = "BENCHMARK_PHASE_RESULT "
+DEFAULTS = dict(size=512, batch=2, warmup=2, iters=5, threads=2, device="cpu", backbone="resnet50",
+                score_thresh=0.05, lr=0.001, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def ours_cfg(backbone: str, score_thresh: float) -> dict:
+    """Our detector config with every setting at torchvision's fasterrcnn_resnet50_fpn default."""
+    return dict(
+        head="fpn", num_classes=NUM_CLASSES,
+        backbone=dict(name=backbone, freeze_at=2, norm="FrozenBN", weights=None, options={}),
+        anchor_sizes=[32, 64, 128, 256, 512], aspect_ratios=[0.5, 1.0, 2.0],
+        rpn=dict(pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000,
+                 post_nms_top_n_test=1000, batch_size_per_image=256),
+        roi=dict(batch_size_per_image=512, score_thresh=score_thresh, nms_thresh=0.5, detections_per_img=100),
+    )
+
+
+def build_torchvision(size: int, score_thresh: float) -> FasterRCNN:
+    """`fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, trainable_backbone_layers=3)` as its
+    pretrained recipe trains it: with weights_backbone=None the builder switches to plain BatchNorm and
+    accepts no norm_layer, so this repeats its three lines with FrozenBatchNorm2d."""
+    body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    backbone = _resnet_fpn_extractor(body, trainable_layers=3)
+    return FasterRCNN(backbone, num_classes=NUM_CLASSES + 1, min_size=size, max_size=size,
+                      box_score_thresh=score_thresh)
+
+
+def make_weights(settings: dict, path: str | Path) -> None:
+    """The shared random weights: torchvision's initialisation for resnet50, ours for other backbones."""
+    torch.manual_seed(settings["seed"])
+    if settings["backbone"] == "resnet50":
+        model = build_torchvision(settings["size"], settings["score_thresh"])
+    else:
+        model = build_detector(ours_cfg(settings["backbone"], settings["score_thresh"]))
+    torch.save(model.state_dict(), path)
+
+
+def build_model(name: str, settings: dict, weights: str | Path, *, fold: bool = False,
+                channels_last: bool = False) -> FasterRCNN:
+    if name == "torchvision":
+        model = build_torchvision(settings["size"], settings["score_thresh"])
+    elif name == "ours":
+        model = build_detector(ours_cfg(settings["backbone"], settings["score_thresh"]))
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    if fold:
+        fold_batchnorm(model.eval())
+    if channels_last:
+        to_channels_last(model)
+    return model
+
+
+def to_channels_last(model: FasterRCNN) -> FasterRCNN:
+    """Conv weights in NHWC, and the batch entering the backbone too: the batching transform copies the
+    images into a fresh NCHW tensor, so a pre-hook converts it where the network starts."""
+    model.to(memory_format=torch.channels_last)
+    model.backbone.register_forward_pre_hook(lambda module, args: (args[0].contiguous(memory_format=torch.channels_last),))
+    return model
+
+
+def count_batchnorms(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def make_images(n: int, size: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, size, size, generator=generator) for _ in range(n)]
+
+
+def make_targets(n: int, size: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """1-4 random boxes per image (10-30 % of the side), random COCO labels."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    targets = []
+    for _ in range(n):
+        k = int(torch.randint(1, 5, (1,), generator=generator))
+        xy = torch.rand(k, 2, generator=generator) * 0.7 * size
+        wh = (0.1 + 0.2 * torch.rand(k, 2, generator=generator)) * size
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size)], dim=1)
+        targets.append(dict(boxes=boxes, labels=torch.randint(1, NUM_CLASSES + 1, (k,), generator=generator)))
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of what runs between start() and stop(), over the memory in use at start()."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
+            return
+        try:  # "5" resets the peak RSS (VmHWM) of this process to its current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM after reset via /proc/self/clear_refs"
+        except OSError:
+            self.method = "ru_maxrss (monotonic: includes the setup's peak)"
+        self.baseline = _status_mb("VmRSS") or 0.0
+
+    def stop(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.method.startswith("VmHWM"):
+            peak = _status_mb("VmHWM") or 0.0
+        else:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        return dict(method=self.method, baseline_mb=round(self.baseline, 1), peak_mb=round(peak, 1),
+                    delta_mb=round(max(peak - self.baseline, 0.0), 1))
+
+
+# ----------------------------------------------------------------------------------------------- phases
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_train(spec: dict) -> dict:
+    """Warmup + timed SGD steps of one model on a fixed batch; returns images/s, step times, memory."""
+    settings = spec["settings"]
+    device = torch.device(settings["device"])
+    model = build_model(spec["model"], settings, spec["weights"]).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=0.9, weight_decay=1e-4)
+    images = [im.to(device) for im in make_images(settings["batch"], settings["size"], settings["seed"])]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in make_targets(settings["batch"], settings["size"], settings["seed"])]
+    # Same RPN / RoI sampling for both models, so their losses are comparable: reseed where the sampling
+    # starts (torchvision's transform draws a random training size before, even when it has one choice).
+    step = [0]
+
+    def reseed(module: torch.nn.Module, args: tuple) -> None:
+        torch.manual_seed(settings["seed"] + step[0])
+
+    model.rpn.register_forward_pre_hook(reseed)
+    memory = PeakMemory(device)
+    memory.start()
+    times, first_losses = [], None
+    for i in range(settings["warmup"] + settings["iters"]):
+        step[0] = i
+        _sync(device)
+        t0 = time.perf_counter()
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        if i >= settings["warmup"]:
+            times.append(time.perf_counter() - t0)
+        if first_losses is None:
+            first_losses = {k: float(v.detach()) for k, v in losses.items()}
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{spec['model']}: non-finite training loss at step {i}: {losses}")
+    mem = memory.stop()
+    total = sum(times)
+    return dict(images_per_s=settings["batch"] * len(times) / total, step_s_median=statistics.median(times),
+                step_s=[round(t, 4) for t in times], first_step_losses=first_losses,
+                trainable_params=sum(p.numel() for p in params), memory=mem)
+
+
+def run_infer(spec: dict) -> dict:
+    """Warmup + timed batch-1 forward passes of one variant; saves the detections to spec['detections_out']."""
+    settings = spec["settings"]
+    device = torch.device(settings["device"])
+    variant = spec["model"]
+    name = "torchvision" if variant == "torchvision" else "ours"
+    model = build_model(name, settings, spec["weights"], fold="fold" in variant,
+                        channels_last="channels_last" in variant).to(device).eval()
+    image = make_images(1, settings["size"], settings["seed"] + 100)[0].to(device)
+    if "channels_last" in variant:  # an HWC-strided image; the batching copy makes it NCHW again (see to_channels_last)
+        image = image[None].contiguous(memory_format=torch.channels_last)[0]
+    memory = PeakMemory(device)
+    memory.start()
+    times = []
+    with torch.inference_mode():
+        for i in range(settings["warmup"] + settings["iters"]):
+            _sync(device)
+            t0 = time.perf_counter()
+            detections = model([image])[0]
+            _sync(device)
+            if i >= settings["warmup"]:
+                times.append(time.perf_counter() - t0)
+    mem = memory.stop()
+    detections = {k: v.cpu() for k, v in detections.items()}
+    if spec.get("detections_out"):
+        torch.save(detections, spec["detections_out"])
+    return dict(ms_per_image_median=1000 * statistics.median(times), ms=[round(1000 * t, 2) for t in times],
+                num_detections=len(detections["boxes"]), batchnorms_left=count_batchnorms(model), memory=mem)
+
+
+def run_phase(spec: dict) -> dict:
+    torch.set_num_threads(spec["settings"]["threads"])
+    result = (run_train if spec["phase"] == "train" else run_infer)(spec)
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+def run_phase_isolated(spec: dict) -> dict:
+    """run_phase in a fresh Python process (for an honest per-phase peak memory)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["settings"]["threads"]),
+               MKL_NUM_THREADS=str(spec["settings"]["threads"]))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_phase", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"phase {spec['phase']}/{spec['model']} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    line = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith(RESULT_TAG))
+    return json.loads(line[len(RESULT_TAG):])
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def compare_detections(a: dict, b: dict, rtol: float, atol: float) -> dict:
+    """Same detections in the same order, boxes and scores within rtol/atol (of b)."""
+    out = dict(num_detections=[len(a["labels"]), len(b["labels"])])
+    same_labels = len(a["labels"]) == len(b["labels"]) and torch.equal(a["labels"], b["labels"])
+    out["labels_equal"] = same_labels
+    if same_labels and len(a["labels"]):
+        out["max_abs_box_diff"] = float((a["boxes"].double() - b["boxes"].double()).abs().max())
+        out["max_abs_score_diff"] = float((a["scores"].double() - b["scores"].double()).abs().max())
+    out["passed"] = bool(same_labels and len(a["labels"]) > 0
+                         and torch.allclose(a["boxes"].double(), b["boxes"].double(), rtol=rtol, atol=atol)
+                         and torch.allclose(a["scores"].double(), b["scores"].double(), rtol=rtol, atol=atol))
+    return out
+
+
+def matched_fraction(a: dict, b: dict, box_tol: float = 0.5, score_tol: float = 1e-3) -> float:
+    """Share of a's detections that b also has (same label, box and score close), in any order."""
+    if len(a["labels"]) == 0:
+        return float(len(b["labels"]) == 0)
+    if len(b["labels"]) == 0:
+        return 0.0
+    close = ((a["boxes"][:, None].double() - b["boxes"][None].double()).abs().amax(-1) <= box_tol) \
+        & ((a["scores"][:, None].double() - b["scores"][None].double()).abs() <= score_tol) \
+        & (a["labels"][:, None] == b["labels"][None])
+    return float(close.any(1).double().mean())
+
+
+@torch.no_grad()
+def check_fold_equivalence(settings: dict, weights: str | Path, dtype: torch.dtype = torch.float64) -> dict:
+    """Ours vs ours + fold vs ours + fold + channels_last on one image, in float64 by default: with random
+    weights many scores are near-tied, and float32 rounding from folding can swap which of two near-equal
+    candidates survives top-k / NMS; in float64 it cannot, so this checks the transformation, exactly.
+    Score threshold 0 here, so there are detections to compare even where random weights score below 0.05."""
+    device = torch.device(settings["device"])
+    settings = {**settings, "score_thresh": 0.0}  # always 100 detections to compare, whatever the weights score
+    image = make_images(1, settings["size"], settings["seed"] + 100)[0].to(device, dtype)
+    outputs = {}
+    for variant in INFER_VARIANTS[1:]:
+        model = build_model("ours", settings, weights).to(device, dtype).eval()
+        if "fold" in variant:
+            fold_batchnorm(model)
+        if "channels_last" in variant:
+            to_channels_last(model)
+            image_in = image[None].contiguous(memory_format=torch.channels_last)[0]
+        else:
+            image_in = image
+        outputs[variant] = {k: v.cpu() for k, v in model([image_in])[0].items()}
+        del model
+    tol = dict(rtol=1e-7, atol=1e-6) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-2)
+    result = {variant: compare_detections(outputs[variant], outputs["ours"], **tol) for variant in INFER_VARIANTS[2:]}
+    result["dtype"] = str(dtype).removeprefix("torch.")
+    result["tolerance"] = tol
+    result["passed"] = all(result[v]["passed"] for v in INFER_VARIANTS[2:])
+    return result
+
+
+class BenchmarkMismatch(AssertionError):
+    """The models compared did not do the same work."""
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def environment(settings: dict) -> dict:
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    env = dict(torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
+               platform=platform.platform(), cpu_model=cpu_model or platform.processor(), cpu_count=os.cpu_count(),
+               threads=settings["threads"], mkldnn=torch.backends.mkldnn.is_available())
+    if settings["device"] == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir: str | Path | None = None,
+                  log=lambda msg: print(msg, flush=True)) -> dict:
+    """Every phase, the checks, and the results as one JSON-able dict. Raises BenchmarkMismatch if a check fails."""
+    settings = {**DEFAULTS, **(settings or {})}
+    if settings["device"] == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but CUDA is not available")
+    compare = settings["backbone"] == "resnet50"
+    train_models = TRAIN_MODELS if compare else TRAIN_MODELS[1:]
+    infer_variants = INFER_VARIANTS if compare else INFER_VARIANTS[1:]
+    run = run_phase_isolated if isolate else run_phase
+    results: dict[str, Any] = dict(
+        settings=settings, environment=environment(settings),
+        memory_isolation="a fresh subprocess per (model, phase)" if isolate else "in-process (approximate)",
+        loadavg_start=list(os.getloadavg()))
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        weights = Path(tmp) / "weights.pt"
+        make_weights(settings, weights)
+        training = {}
+        for name in train_models:
+            training[name] = run(dict(phase="train", model=name, settings=settings, weights=str(weights)))
+            log(f"train  {name:<24s} {training[name]['images_per_s']:.3f} images/s")
+        inference, detections = {}, {}
+        for variant in infer_variants:
+            out = Path(tmp) / f"det_{variant}.pt"
+            inference[variant] = run(dict(phase="infer", model=variant, settings=settings, weights=str(weights),
+                                          detections_out=str(out)))
+            log(f"infer  {variant:<24s} {inference[variant]['ms_per_image_median']:.1f} ms/image")
+            detections[variant] = torch.load(out, weights_only=True)
+        log("check  fold / channels_last equivalence (float64) ...")
+        torch.set_num_threads(settings["threads"])
+        checks: dict[str, Any] = dict(fold_float64=check_fold_equivalence(settings, weights))
+
+    # float32 timed runs: folded variants against ours, for information (near-ties may legitimately swap)
+    checks["fold_float32_timed_runs"] = {
+        v: dict(compare_detections(detections[v], detections["ours"], rtol=1e-3, atol=1e-2),
+                matched_fraction=matched_fraction(detections["ours"], detections[v]))
+        for v in infer_variants if "fold" in v}
+    for v in checks["fold_float32_timed_runs"].values():
+        v["informational"] = True
+    if compare:
+        checks["ours_vs_torchvision_detections"] = compare_detections(
+            detections["ours"], detections["torchvision"], rtol=1.3e-6, atol=1e-5)
+        tv_losses, our_losses = training["torchvision"]["first_step_losses"], training["ours"]["first_step_losses"]
+        checks["ours_vs_torchvision_first_step_losses"] = dict(
+            torchvision=tv_losses, ours=our_losses,
+            passed=tv_losses.keys() == our_losses.keys()
+            and all(abs(tv_losses[k] - our_losses[k]) <= 1e-5 + 1e-4 * abs(tv_losses[k]) for k in tv_losses))
+        checks["trainable_params_equal"] = dict(
+            torchvision=training["torchvision"]["trainable_params"], ours=training["ours"]["trainable_params"],
+            passed=training["torchvision"]["trainable_params"] == training["ours"]["trainable_params"])
+    checks["fold_removes_every_batchnorm"] = dict(
+        left={v: inference[v]["batchnorms_left"] for v in infer_variants if "fold" in v},
+        passed=all(inference[v]["batchnorms_left"] == 0 for v in infer_variants if "fold" in v))
+
+    # speedups: > 1 means faster than the reference (torchvision; ours for the folded variants' second column)
+    ref_train = training["torchvision"]["images_per_s"] if compare else None
+    for name, r in training.items():
+        r["speedup_vs_torchvision"] = r["images_per_s"] / ref_train if compare else None
+    ref_ms = inference["torchvision"]["ms_per_image_median"] if compare else None
+    for name, r in inference.items():
+        r["speedup_vs_torchvision"] = ref_ms / r["ms_per_image_median"] if compare else None
+        r["speedup_vs_ours"] = inference["ours"]["ms_per_image_median"] / r["ms_per_image_median"] \
+            if name != "torchvision" else None
+    results.update(training=training, inference=inference, checks=checks,
+                   loadavg_end=list(os.getloadavg()), wall_s=round(time.perf_counter() - t_start, 1))
+
+    failed = [name for name, c in checks.items() if not c.get("informational") and c.get("passed") is False]
+    if failed:
+        raise BenchmarkMismatch(f"benchmark checks failed: {failed}\n{json.dumps({k: checks[k] for k in failed}, indent=1)}")
+    return results
+
+
+LABELS = dict(torchvision="torchvision R50-FPN", ours="ours", ours_fold="ours + fold BN",
+              ours_fold_channels_last="ours + fold BN + channels_last")
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
+def to_markdown(results: dict) -> str:
+    s, env = results["settings"], results["environment"]
+    device = env.get("cuda_device", env["cpu_model"]) if s["device"] == "cuda" else env["cpu_model"]
+    mem = "peak CUDA alloc" if s["device"] == "cuda" else "peak RSS"
+    bb = "R50" if s["backbone"] == "resnet50" else s["backbone"]
+    lines = [f"{s['size']}x{s['size']} images, {s['device']} ({device}), {s['threads']} threads, "
+             f"warmup {s['warmup']}, iters {s['iters']}; torch {env['torch']}, torchvision {env['torchvision']}; "
+             f"load average {results['loadavg_start'][0]:.1f} -> {results['loadavg_end'][0]:.1f}",
+             "",
+             f"| Training, batch {s['batch']} | images/s | s/step (median) | speedup vs torchvision | {mem} over setup (MB) |",
+             "|---|---:|---:|---:|---:|"]
+    for name, r in results["training"].items():
+        label = LABELS[name] if name == "torchvision" else f"ours {bb}-FPN"
+        lines.append(f"| {label} | {r['images_per_s']:.3f} | {r['step_s_median']:.2f} | "
+                     f"{_fmt(r['speedup_vs_torchvision'], '.2f', 'x')} | {r['memory']['delta_mb']:.0f} |")
+    lines += ["", f"| Inference, batch 1 | ms/image (median) | speedup vs torchvision | speedup vs ours | "
+                  f"{mem} over setup (MB) |",
+              "|---|---:|---:|---:|---:|"]
+    for name, r in results["inference"].items():
+        label = LABELS[name] if name != "ours" else f"ours {bb}-FPN"
+        lines.append(f"| {label} | {r['ms_per_image_median']:.1f} | {_fmt(r['speedup_vs_torchvision'], '.2f', 'x')} | "
+                     f"{_fmt(r['speedup_vs_ours'], '.2f', 'x')} | {r['memory']['delta_mb']:.0f} |")
+    checks = results["checks"]
+    passed = [k for k, c in checks.items() if c.get("passed") and not c.get("informational")]
+    lines += ["", f"Checks passed: {', '.join(passed)}."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=DEFAULTS["size"], help="square image side (default 512)")
+    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="training batch size (default 2)")
+    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
+    p.add_argument("--iters", type=int, default=DEFAULTS["iters"], help="timed iterations per phase")
+    p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch.set_num_threads")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS["device"])
+    p.add_argument("--backbone", default=DEFAULTS["backbone"],
+                   help="our backbone (torchvision comparison only for resnet50; e.g. resnet18 for a quick look)")
+    p.add_argument("--score-thresh", type=float, default=DEFAULTS["score_thresh"],
+                   help="box score threshold for both models (default 0.05, torchvision's)")
+    p.add_argument("--out", default="docs/benchmarks.json", help="machine-readable results ('' to skip)")
+    p.add_argument("--markdown", action="store_true", help="print the results as Markdown tables")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run every phase in this process (faster; peak memory then approximate)")
+    p.add_argument("--_phase", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args._phase:  # child process of run_phase_isolated
+        print(RESULT_TAG + json.dumps(run_phase(json.loads(args._phase))), flush=True)
+        return None
+    settings = dict(size=args.size, batch=args.batch, warmup=args.warmup, iters=args.iters, threads=args.threads,
+                    device=args.device, backbone=args.backbone, score_thresh=args.score_thresh)
+    settings = {**DEFAULTS, **settings}
+    results = run_benchmark(settings, isolate=not args.no_isolate)
+    results["command"] = "python tools/benchmark_det.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {out}")
+    if args.markdown:
+        print(to_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
