@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torchvision.ops._utils import split_normalization_params
 
 POLICIES = ("step", "cosine", "constant")
@@ -91,3 +92,20 @@ def _decay_groups(model: nn.Module, weight_decay: float, norm_weight_decay: floa
         {"params": undecayed, "weight_decay": norm_weight_decay},
     ]
     return [group for group in groups if group["params"]]
+
+
+def step_optimizer(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                   scaler: torch.amp.GradScaler, *, iteration: int, clip_grad_norm: float | None = None) -> None:
+    """One SGD iteration shared by the training tools: finite-loss check, (AMP-scaled) backward,
+    optional gradient clipping, optimizer and per-iteration LR step."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()

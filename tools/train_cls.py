@@ -36,7 +36,7 @@ from engine.config import parse_args  # noqa: E402
 from engine.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,  # noqa: E402
                                 reduce_dict_mean, seed_everything, worker_init_fn)
 from engine.output import HISTORY, RunOutput, plot_history  # noqa: E402
-from engine.schedule import build_lr_scheduler, build_sgd  # noqa: E402
+from engine.schedule import build_lr_scheduler, build_sgd, step_optimizer  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cls" / "default.yaml"
 
@@ -125,13 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             with torch.autocast(device.type, enabled=amp):
                 logits = model(images)
                 loss = criterion(logits, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            step_optimizer(loss, optimizer, scheduler, scaler, iteration=iteration)
             iteration += 1
 
             correct = (logits.detach().argmax(dim=1) == labels).sum()

@@ -32,7 +32,7 @@ from engine.config import parse_args  # noqa: E402
 from engine.distributed import (barrier, cleanup, init_distributed, is_main_process, reduce_dict_mean,  # noqa: E402
                                 seed_everything, worker_init_fn)
 from engine.output import RunOutput  # noqa: E402
-from engine.schedule import build_lr_scheduler, build_sgd  # noqa: E402
+from engine.schedule import build_lr_scheduler, build_sgd, step_optimizer  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
@@ -109,16 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             with torch.autocast(device.type, enabled=amp):
                 losses = model(images, targets)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: {losses}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.train.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            step_optimizer(loss, optimizer, scheduler, scaler, iteration=iteration, clip_grad_norm=cfg.train.clip_grad_norm)
             iteration += 1
 
             logged = reduce_dict_mean({"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}})

@@ -29,7 +29,7 @@ from engine.config import parse_args  # noqa: E402
 from engine.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,  # noqa: E402
                                 reduce_dict_mean, seed_everything, worker_init_fn)
 from engine.output import RunOutput  # noqa: E402
-from engine.schedule import build_lr_scheduler, build_sgd  # noqa: E402
+from engine.schedule import build_lr_scheduler, build_sgd, step_optimizer  # noqa: E402
 from segmentation.datasets import COCO_TO_VOC, CocoSemantic, SegmentationDataset, VOCSegmentation  # noqa: E402
 from segmentation.evaluation import SegmentationEvaluator, multiscale_flip_inference  # noqa: E402
 from segmentation.models import build_segmentation_model, segmentation_loss  # noqa: E402
@@ -112,13 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
             with torch.autocast(device.type, enabled=amp):
                 losses = segmentation_loss(model(images), targets)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: {losses}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            step_optimizer(loss, optimizer, scheduler, scaler, iteration=iteration)
             iteration += 1
 
             logged = reduce_dict_mean({"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}})
