@@ -1,0 +1,271 @@
+"""The paper's transfer experiment at toy scale: pretrain backbones, fine-tune Faster R-CNN with and without them.
+
+    python tools/transfer.py                                    # built-in demo: generated data, ~1 minute
+    python tools/transfer.py --config configs/transfer/tiny_imagenet_coco128.yaml
+    python tools/transfer.py --config ... seeds=[0] output_dir=outputs/transfer_one_seed
+
+For every backbone x seed: (1) pretrain a classifier with tools/train_cls.py, (2) train Faster R-CNN with
+tools/train_det.py from that classifier's backbone.pth AND from scratch (same schedule), (3) collect the metrics.
+Both tools run in-process through their `main(argv)`, with overrides built from this config.
+
+Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scratch}`; a stage whose
+metrics.json exists is not redone (a stage with only last.pth is resumed), so rerunning the same command
+continues an interrupted experiment. Writes to `output_dir`: results.json (every cell), results.md (mean +-
+spread over seeds), transfer.png (detection AP with / without pretraining), degradation.png (classification
+training error of plain vs ResNet nets, the paper's Figure 4) and stages.log (one line per stage run or skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[0]))  # the sibling tools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import train_cls  # noqa: E402
+import train_det  # noqa: E402
+from engine.config import ConfigError, load_config  # noqa: E402
+from engine.output import HISTORY  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "transfer" / "default.yaml"
+METRICS = "metrics.json"
+WALL_TIME = "wall_time.json"  # written by this script next to a stage's metrics.json
+STAGE_LOG = "stages.log"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="transfer experiment YAML (may use _base_)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        parser.error(str(err))
+    unknown = sorted(set(cfg.per_backbone) - set(cfg.backbones))
+    if unknown:
+        parser.error(f"per_backbone names {unknown}, which are not in backbones {list(cfg.backbones)}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    start = time.time()
+    ran: list[str] = []  # the stages this call actually trained (the rest were already done)
+
+    cls_shared = [*cfg.cls.overrides]
+    if cfg.cls.class_subset:  # pretrain on the first N classes only: a linked copy of the dataset's folder
+        cls_data = load_config(train_cls.DEFAULT_CONFIG, cfg.cls.config, cls_shared).data
+        subset = tiny_imagenet_subset(Path(cls_data.root), cfg.cls.class_subset, out / "data", cls_data.format)
+        cls_shared.append(f"data.root={subset}")
+
+    classification, cells = [], []
+    for seed in cfg.seeds:  # seed-major: a run stopped early still has every backbone for the first seeds
+        for backbone in cfg.backbones:
+            extra = cfg.per_backbone.get(backbone, {})
+            run_dir = out / backbone / f"seed{seed}"
+            common = [f"model.backbone.name={backbone}", f"train.seed={seed}"]
+
+            # (1) pretrain the classifier, export backbone.pth
+            cls_argv = _argv(cfg.cls.config, [*cls_shared, *extra.get("cls", []), *common])
+            cls_metrics, cls_wall = _stage(train_cls.main, cls_argv, run_dir / "cls", out, start, ran)
+            classification.append({"backbone": backbone, "seed": seed, "top1": cls_metrics["top1"],
+                                   "top5": cls_metrics.get("top5"), "train_top1": cls_metrics.get("train_top1"),
+                                   "wall_s": cls_wall, "history": str(run_dir / "cls" / HISTORY)})
+
+            # (2) + (3) detection from the pretrained backbone and from scratch, same schedule
+            for pretrained in (True, False):
+                weights = str(run_dir / "cls" / "backbone.pth") if pretrained else "null"
+                det_argv = _argv(cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
+                                                  f"model.backbone.weights={weights}"])
+                det_dir = run_dir / ("det_pretrained" if pretrained else "det_scratch")
+                det_metrics, det_wall = _stage(train_det.main, det_argv, det_dir, out, start, ran)
+                cells.append({"backbone": backbone, "seed": seed, "pretrained": pretrained,
+                              **{k: v for k, v in det_metrics.items() if not isinstance(v, dict)},
+                              "cls_top1": cls_metrics["top1"] if pretrained else None,
+                              "cls_train_top1": cls_metrics.get("train_top1") if pretrained else None,
+                              "cls_wall_s": cls_wall if pretrained else None, "det_wall_s": det_wall})
+
+    metric = "AP" if "AP" in cells[0] else "mAP"
+    results = {"metric": metric, "backbones": list(cfg.backbones), "seeds": list(cfg.seeds), "cells": cells,
+               "classification": classification, "stages_run": ran, "wall_s": time.time() - start,
+               "config": OmegaConf.to_container(cfg)}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    plot_transfer(results, out / "transfer.png")
+    plot_degradation(classification, out / "degradation.png")
+    print((out / "results.md").read_text())
+    print(f"[transfer] done in {_fmt(time.time() - start)}: {len(ran)} stage(s) run; results in {out}")
+    return results
+
+
+def tiny_imagenet_subset(root: Path, num_classes: int, parent: Path, fmt: str) -> Path:
+    """`parent/<root name>-<N>cls`: a Tiny-ImageNet folder of the first N (sorted) classes of `root`, made of
+    symlinks (train class folders, val images) plus the filtered wnids.txt and val_annotations.txt."""
+    if fmt != "tiny-imagenet":
+        raise ValueError(f"cls.class_subset needs data.format=tiny-imagenet, got {fmt!r}")
+    wnids = sorted((root / "wnids.txt").read_text().split())[:num_classes]
+    dst = parent / f"{root.resolve().name}-{num_classes}cls"
+    if (dst / "wnids.txt").is_file() and (dst / "wnids.txt").read_text().split() == wnids:
+        return dst
+    (dst / "val").mkdir(parents=True, exist_ok=True)
+    (dst / "train").mkdir(exist_ok=True)
+    for wnid in wnids:
+        if not (dst / "train" / wnid).exists():
+            (dst / "train" / wnid).symlink_to((root / "train" / wnid).resolve(), target_is_directory=True)
+    if not (dst / "val" / "images").exists():
+        (dst / "val" / "images").symlink_to((root / "val" / "images").resolve(), target_is_directory=True)
+    lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
+    kept = [line for line in lines if len(line.split("\t")) > 1 and line.split("\t")[1] in wnids]
+    (dst / "val" / "val_annotations.txt").write_text("\n".join(kept) + "\n")
+    (dst / "wnids.txt").write_text("\n".join(wnids) + "\n")  # last: marks the copy complete
+    return dst
+
+
+def _argv(config: str | None, overrides: list[str]) -> list[str]:
+    return ([f"--config={config}"] if config else []) + [str(o) for o in overrides]
+
+
+def _stage(tool_main, argv: list[str], stage_dir: Path, out: Path, start: float, ran: list[str]) -> tuple[dict, float]:
+    """Run one tool into `stage_dir` unless its metrics.json exists; return (metrics, wall seconds of the run)."""
+    name = str(stage_dir.relative_to(out))
+    if (stage_dir / METRICS).is_file():
+        metrics = json.loads((stage_dir / METRICS).read_text())
+        wall = json.loads((stage_dir / WALL_TIME).read_text())["seconds"] if (stage_dir / WALL_TIME).is_file() else None
+        _log(out, f"[transfer {_fmt(time.time() - start)}] {name}: done before, skipped")
+        return metrics, wall
+    argv = [*argv, f"output_dir={stage_dir}"]
+    if (stage_dir / "last.pth").is_file():
+        argv.insert(0, "--resume")  # interrupted mid-stage: continue from its last epoch
+    _log(out, f"[transfer {_fmt(time.time() - start)}] {name}: running {' '.join(argv)}")
+    t0 = time.time()
+    metrics = tool_main(argv)
+    wall = time.time() - t0
+    (stage_dir / WALL_TIME).write_text(json.dumps({"seconds": wall}) + "\n")
+    ran.append(name)
+    gc.collect()
+    _log(out, f"[transfer {_fmt(time.time() - start)}] {name}: finished in {_fmt(wall)}")
+    return metrics, wall
+
+
+def _log(out: Path, line: str) -> None:
+    print(line, flush=True)
+    with open(out / STAGE_LOG, "a") as f:
+        f.write(line + "\n")
+
+
+def _fmt(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def _stats(values: list) -> tuple[float, float, float, float] | None:
+    """(mean, spread = half the min-max range, min, max) of the non-null values, or None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return sum(values) / len(values), (max(values) - min(values)) / 2, min(values), max(values)
+
+
+def _cell(values: list, scale: float = 1.0) -> str:
+    s = _stats(values)
+    return "n/a" if s is None else f"{scale * s[0]:.1f} ± {scale * s[1]:.1f}"
+
+
+def results_markdown(results: dict) -> str:
+    metric, cells, cls = results["metric"], results["cells"], results["classification"]
+    det_name = "COCO AP@[.5:.95]" if metric == "AP" else "VOC mAP"
+    lines = [f"# Transfer: {len(results['backbones'])} backbone(s) x seeds {results['seeds']}",
+             "",
+             f"Mean ± spread (half the min-max range) over seeds, in percent. Detection: {det_name}"
+             + (" and AP50" if metric == "AP" else "") + " from scratch vs from the backbone pretrained by "
+             "classification (same schedule). Classification: val top-1 and the final training error "
+             "(100 - last-epoch train top-1).",
+             "",
+             f"| backbone | cls val top-1 | cls final train error | {metric} scratch | {metric} pretrained | "
+             f"Δ {metric} |" + (" AP50 scratch | AP50 pretrained |" if metric == "AP" else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if metric == "AP" else "")]
+    for backbone in results["backbones"]:
+        runs = [c for c in cls if c["backbone"] == backbone]
+        by_seed = {(c["seed"], c["pretrained"]): c[metric] for c in cells if c["backbone"] == backbone}
+        deltas = [None if by_seed.get((s, True)) is None or by_seed.get((s, False)) is None
+                  else by_seed[(s, True)] - by_seed[(s, False)] for s in results["seeds"]]
+        row = [backbone, _cell([c["top1"] for c in runs]),
+               _cell([None if c["train_top1"] is None else 100 - c["train_top1"] for c in runs])]
+        for pretrained in (False, True):
+            row.append(_cell([by_seed.get((s, pretrained)) for s in results["seeds"]], 100))
+        row.append(_cell(deltas, 100))
+        if metric == "AP":
+            for pretrained in (False, True):
+                row.append(_cell([c["AP50"] for c in cells if c["backbone"] == backbone and c["pretrained"] == pretrained], 100))
+        lines.append("| " + " | ".join(row) + " |")
+    walls = [c["wall_s"] for c in cls if c["wall_s"]] + [c["det_wall_s"] for c in cells if c["det_wall_s"]]
+    lines += ["", f"{len(cls)} classification and {len(cells)} detection runs, {_fmt(sum(walls))} of training in all."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_transfer(results: dict, path: Path) -> None:
+    """Detection AP per backbone, scratch vs pretrained; bars = mean, error bars = min / max over seeds."""
+    metric, cells, backbones = results["metric"], results["cells"], results["backbones"]
+    fig = Figure(figsize=(max(5.0, 1.6 * len(backbones) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.38
+    for k, (pretrained, label, colour) in enumerate([(False, "from scratch", "tab:gray"),
+                                                      (True, "classification-pretrained", "tab:blue")]):
+        xs, means, lows, highs = [], [], [], []
+        for i, backbone in enumerate(backbones):
+            s = _stats([c[metric] for c in cells if c["backbone"] == backbone and c["pretrained"] == pretrained])
+            if s is not None:
+                xs.append(i + (k - 0.5) * width)
+                means.append(100 * s[0])
+                lows.append(100 * (s[0] - s[2]))
+                highs.append(100 * (s[3] - s[0]))
+        ax.bar(xs, means, width, yerr=[lows, highs], capsize=4, label=label, color=colour)
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(range(len(backbones)), backbones)
+    ax.set(ylabel=f"{metric} (%)", title=f"Detection {metric}, mean over seeds {results['seeds']} (bars: min / max)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=100)
+
+
+def plot_degradation(classification: list[dict], path: Path) -> None:
+    """The paper's Figure 4: classification error vs iteration, plain nets (left) vs ResNets (right).
+
+    Thin lines: training error (windowed over log_every iterations), one per seed; bold: validation error.
+    """
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    colours = {}
+    for ax, family, title in [(axes[0], "plain", "plain networks"), (axes[1], "resnet", "ResNets")]:
+        for run in classification:
+            match = re.fullmatch(rf"{family}(\d+)", run["backbone"])
+            history = Path(run["history"])
+            if match is None or not history.is_file():
+                continue
+            colour = colours.setdefault(int(match.group(1)), f"C{len(colours)}")
+            records = [json.loads(line) for line in history.read_text().splitlines() if line]
+            train = [(r["iteration"], r["train/error"]) for r in records if r.get("train/error") is not None]
+            val = [(r["iteration"], r["val/error"]) for r in records if r.get("val/error") is not None]
+            first = run["seed"] == min(c["seed"] for c in classification if c["backbone"] == run["backbone"])
+            if train:
+                ax.plot(*zip(*train), lw=0.8, alpha=0.7, color=colour,
+                        label=f"{run['backbone']} train" if first else None)
+            if val:
+                ax.plot(*zip(*val), lw=2.2, marker="o", color=colour, label=f"{run['backbone']} val" if first else None)
+        ax.set(xlabel="iteration", title=title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    axes[0].set_ylabel("error (%)")
+    fig.suptitle("Classification pretraining: thin = training error per seed, bold = validation error")
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
