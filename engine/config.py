@@ -69,11 +69,15 @@ def parse_args(
     parser.add_argument("--eval-only", action="store_true", help="evaluate and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
+    return args, config_or_exit(parser, default_yaml, args)
+
+
+def config_or_exit(parser: argparse.ArgumentParser, default_yaml: str | Path, args: argparse.Namespace) -> DictConfig:
+    """`load_config` from a tool's parsed `--config` and overrides; a bad config exits with the usage message."""
     try:
-        cfg = load_config(default_yaml, args.config, args.overrides)
+        return load_config(default_yaml, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         parser.error(str(err))
-    return args, cfg
 
 
 def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:

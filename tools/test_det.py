@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.build import build_dataset, build_evaluator, load_split  # noqa: E402
+from detection.build import build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
 from detection.datasets import collate  # noqa: E402
 from detection.evaluation import CocoEvaluator, format_per_class_table  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector, load_detector_weights  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
-from engine.distributed import cleanup, init_distributed, is_main_process  # noqa: E402
+from engine.config import config_or_exit  # noqa: E402
+from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
@@ -38,12 +38,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the model's labels are COCO category ids 1..90 (torchvision's COCO weights)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        parser.error(str(err))
+    cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
     rank, world_size, device = init_distributed(cfg.device)
 
+    if is_main_process():
+        prepare_synthetic(cfg.data)  # the built-in demo data, if the config uses it (no-op once written)
+    barrier()
     records, class_names, cat_ids = load_split(cfg.data, "val")
     dataset = Subset(build_dataset(cfg.data, records, train=False), range(rank, len(records), world_size))
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)

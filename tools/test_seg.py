@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import cleanup, init_distributed, is_main_process  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
 from train_seg import (DEFAULT_CONFIG, build_dataset, check_classes, evaluate, prepare_synthetic, report,  # noqa: E402
@@ -35,10 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="metrics JSON (default: test_metrics.json next to the checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.flip=true")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        parser.error(str(err))
+    cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
     rank, world_size, device = init_distributed(cfg.device)
 
     prepare_synthetic(cfg.data)

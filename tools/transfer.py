@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import train_cls  # noqa: E402
 import train_det  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import config_or_exit, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "transfer" / "default.yaml"
@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", type=Path, help="transfer experiment YAML (may use _base_)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        parser.error(str(err))
+    cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
     unknown = sorted(set(cfg.per_backbone) - set(cfg.backbones))
     if unknown:
         parser.error(f"per_backbone names {unknown}, which are not in backbones {list(cfg.backbones)}")

@@ -16,11 +16,11 @@ from torchvision.utils import draw_bounding_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.build import build_dataset, load_split  # noqa: E402
+from detection.build import build_dataset, load_split, prepare_synthetic  # noqa: E402
 from detection.datasets import read_image  # noqa: E402
 from detection.inference import to_original_size  # noqa: E402
 from detection.models import build_detector, load_detector_weights  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import config_or_exit  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
@@ -42,11 +42,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     if not args.gt and args.checkpoint is None:
         parser.error("give --checkpoint (predictions) or --gt (ground truth)")
-    try:
-        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        parser.error(str(err))
+    cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
 
+    prepare_synthetic(cfg.data)  # the built-in demo data, if the config uses it (no-op once written)
     records, class_names, _ = load_split(cfg.data, "val")
     records = records[: args.num]
     dataset = build_dataset(cfg.data, records, train=False)

@@ -19,7 +19,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import config_or_exit  # noqa: E402
 from segmentation.evaluation import multiscale_flip_inference  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
 from segmentation.palette import overlay  # noqa: E402
@@ -37,10 +37,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--gt", action="store_true", help="add a ground-truth overlay panel")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(DEFAULT_CONFIG, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        parser.error(str(err))
+    cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
     device = torch.device(cfg.device)
 
     prepare_synthetic(cfg.data)
