@@ -94,3 +94,15 @@ def find_resume(output_dir: str | Path) -> Path | None:
     """``output_dir/last.pth`` if a previous run left one, else None."""
     path = Path(output_dir) / LAST_CHECKPOINT
     return path if path.is_file() else None
+
+
+def resume(output_dir: str | Path, **objects: Any) -> dict[str, Any]:
+    """`--resume`: restore ``output_dir/last.pth`` into the given model / optimizer / scheduler / scaler.
+
+    A missing checkpoint is an error naming the folder, not a silent fresh start."""
+    path = find_resume(output_dir)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no {LAST_CHECKPOINT} in {output_dir}")
+    state = load_checkpoint(path, **objects)
+    print(f"resumed from {path} at epoch {state['epoch']}, iteration {state['iteration']}")
+    return state

@@ -31,7 +31,7 @@ from classification.metrics import AccuracyMeter  # noqa: E402
 from classification.model import build_classifier  # noqa: E402
 from classification.synthetic import generate_imagefolder  # noqa: E402
 from classification.transforms import build_cls_transforms  # noqa: E402
-from engine.checkpoint import find_resume, load_checkpoint, save_checkpoint, unwrap_model  # noqa: E402
+from engine.checkpoint import resume, save_checkpoint, unwrap_model  # noqa: E402
 from engine.config import parse_args  # noqa: E402
 from engine.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,  # noqa: E402
                                 reduce_dict_mean, seed_everything, worker_init_fn)
@@ -92,13 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     start_epoch = iteration = 0
     train_top1: float | None = None  # training accuracy of the last epoch, on augmented crops in train mode
-    resume_path = find_resume(cfg.output_dir) if args.resume else None
-    if args.resume and resume_path is None:
-        raise FileNotFoundError(f"--resume: no last.pth in {cfg.output_dir}")
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    if args.resume:
+        state = resume(cfg.output_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start_epoch, iteration, train_top1 = state["epoch"], state["iteration"], state.get("train_top1")
-        print(f"resumed from {resume_path} at epoch {start_epoch}, iteration {iteration}")
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -27,7 +27,7 @@ from detection.datasets import collate  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector  # noqa: E402
 from detection.samplers import GroupedBatchSampler, aspect_ratio_groups  # noqa: E402
-from engine.checkpoint import find_resume, load_checkpoint, save_checkpoint  # noqa: E402
+from engine.checkpoint import resume, save_checkpoint  # noqa: E402
 from engine.config import parse_args  # noqa: E402
 from engine.distributed import (barrier, cleanup, init_distributed, is_main_process, reduce_dict_mean,  # noqa: E402
                                 seed_everything, worker_init_fn)
@@ -78,14 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     output = RunOutput(cfg.output_dir, cfg)
 
     start_epoch = iteration = 0
-    resume_path = find_resume(cfg.output_dir) if args.resume else None
-    if args.resume and resume_path is None:
-        raise FileNotFoundError(f"--resume: no last.pth in {cfg.output_dir}")
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        iteration = state["iteration"]
+    if args.resume:
+        iteration = resume(cfg.output_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)["iteration"]
         start_epoch = iteration // iters_per_epoch  # a partly done epoch restarts its data order, not its schedule
-        print(f"resumed from {resume_path} at iteration {iteration}")
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -125,8 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
         last_epoch = epoch + 1 == num_epochs
         if last_epoch or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
             metrics = run_evaluation()
-            output.log_scalars({k: v for k, v in metrics.items() if isinstance(v, float)}, iteration, prefix="val/")
-            output.append_history({"iteration": iteration, "epoch": epoch + 1, **_scalars(metrics, "val/")})
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            output.log_scalars(scalars, iteration, prefix="val/")
+            output.append_history({"iteration": iteration, "epoch": epoch + 1, **{f"val/{k}": v for k, v in scalars.items()}})
 
     # --- final evaluation (already done after the last epoch unless we only evaluated or had nothing to train)
     if metrics is None:
@@ -137,10 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
     output.close()
     cleanup()
     return metrics
-
-
-def _scalars(metrics: dict, prefix: str) -> dict:
-    return {prefix + k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
 def _report(metrics: dict, output_dir: str) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.checkpoint import find_resume, load_checkpoint, save_checkpoint  # noqa: E402
+from engine.checkpoint import resume, save_checkpoint  # noqa: E402
 from engine.config import parse_args  # noqa: E402
 from engine.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,  # noqa: E402
                                 reduce_dict_mean, seed_everything, worker_init_fn)
@@ -83,13 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     output = RunOutput(cfg.output_dir, cfg)
 
     epoch = iteration = 0
-    resume_path = find_resume(cfg.output_dir) if args.resume else None
-    if args.resume and resume_path is None:
-        raise FileNotFoundError(f"--resume: no last.pth in {cfg.output_dir}")
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    if args.resume:
+        state = resume(cfg.output_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         epoch, iteration = state["epoch"], state["iteration"]
-        print(f"resumed from {resume_path} at epoch {epoch}, iteration {iteration}")
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
