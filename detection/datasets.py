@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
+
+from engine.images import DatasetError, read_image  # noqa: F401 (re-exported: part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ VOC_CLASSES = (
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 BOX_TOLERANCE = 1.0  # pixels a box may overhang the image (annotation round-off); it is clipped back
-
-
-class DatasetError(ValueError):
-    """A dataset file or annotation is unusable; the message names the file and the object."""
 
 
 @dataclass
@@ -84,14 +81,6 @@ def _record(path: Path, width: int, height: int, boxes: list, labels: list, igno
                        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                        labels=np.asarray(labels, dtype=np.int64), ignore=np.asarray(ignore, dtype=bool),
                        image_id=int(image_id))
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """HxWx3 uint8 RGB (grayscale files are expanded to 3 channels)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError(f"{path}: cannot read image (missing, truncated or not an image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _read_coco_json(annotations_json: Path) -> dict:

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from engine.images import DatasetError, read_image  # noqa: F401 (re-exported: part of this module's API)
 from segmentation.palette import VOC_CLASSES, VOID
 
 IMAGE_SUFFIXES = (".jpg", ".png")
@@ -33,18 +33,6 @@ COCO_TO_VOC: dict[int, int] = {
     67: 11, 18: 12, 19: 13, 4: 14, 1: 15, 64: 16, 20: 17, 63: 18, 7: 19, 72: 20,
 }
 """COCO category id -> VOC class index for the 20 VOC classes; other categories stay background."""
-
-
-class DatasetError(ValueError):
-    """A dataset file is missing or malformed; the message names the file."""
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as RGB uint8 [H, W, 3] (greyscale files are expanded to 3 channels)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DatasetError(f"cannot read image {path} (missing or not an image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
