@@ -31,10 +31,11 @@ for _depth in (18, 34, 50, 101, 152):
     _block, _layers, _ = RESNETS[f"resnet{_depth}"]
     RESNETS[f"plain{_depth}"] = (_block, _layers, {"residual": False})
 VGGS = ("vgg16", "vgg16_bn")
+# every backbone also takes norm_eval
 RESNET_OPTIONS = {"shortcut", "stride_in_1x1", "output_stride", "replace_stride_with_dilation", "zero_init_residual",
-                  "num_classes", "norm_eval"}
-VGG_OPTIONS = {"num_classes", "norm_eval"}
-TIMM_OPTIONS = {"output_stride", "norm_eval"}
+                  "num_classes"}
+VGG_OPTIONS = {"num_classes"}
+TIMM_OPTIONS = {"output_stride"}
 
 
 def backbone_names() -> list[str]:
@@ -78,18 +79,18 @@ def build_backbone(name: str, *, out_features: Sequence[str] = DEFAULT_OUT_FEATU
     norm_eval = options.pop("norm_eval", False)
     stride_in_1x1 = None
     if name in RESNETS:
-        _check_options(name, options, RESNET_OPTIONS - {"norm_eval"})
+        _check_options(name, options, RESNET_OPTIONS)
         block, layers, variant = RESNETS[name]
         stride_in_1x1 = bool(options.get("stride_in_1x1", False))
         output_stride = _output_stride(options)
         backbone: Backbone = ResNet(block, layers, norm=get_norm(norm), output_stride=output_stride, **variant, **options)
     elif name in VGGS:
-        _check_options(name, options, VGG_OPTIONS - {"norm_eval"})
+        _check_options(name, options, VGG_OPTIONS)
         backbone = VGG16(norm=get_norm(norm) if name == "vgg16_bn" else None, **options)
         if tuple(out_features) == DEFAULT_OUT_FEATURES:
             out_features = ("conv5",)
     elif name.startswith("timm:"):
-        _check_options(name, options, TIMM_OPTIONS - {"norm_eval"})
+        _check_options(name, options, TIMM_OPTIONS)
         backbone = TimmBackbone(name.removeprefix("timm:"), weights=str(weights) if weights else None,
                                 output_stride=_output_stride(options))
         if norm not in ("BN", "FrozenBN"):

@@ -70,9 +70,6 @@ class NormalizeOnlyTransform(GeneralizedRCNNTransform):
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict | None]:
         return image, target
 
-    def torch_choice(self, k: list[int]) -> int:  # pragma: no cover - never called without resize
-        raise NotImplementedError
-
 
 class Res5BoxHead(nn.Module):
     """The paper's C4 box head: res5 (first block strided) on each 14x14 RoI, then global average pooling."""
