@@ -59,7 +59,6 @@ class Backbone(nn.Module):
         self.stage_specs: dict[str, ShapeSpec] = {}
         self.stage_modules: dict[str, list[str]] = {}
         self.out_features: tuple[str, ...] = ()
-        self.norm_eval = False
         self.preprocessing = Preprocessing()
 
     def output_shape(self) -> dict[str, ShapeSpec]:
@@ -95,15 +94,6 @@ class Backbone(nn.Module):
                 module = convert_frozen_batchnorm(self.get_submodule(path))
                 module.requires_grad_(False)
                 self.set_submodule(path, module)
-
-    def train(self, mode: bool = True) -> "Backbone":
-        """With `norm_eval`, BatchNorm layers keep their running statistics even in train mode."""
-        super().train(mode)
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        return self
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -11,7 +11,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d  # eps explicit, stats + affi
 
 NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "none")
 
-__all__ = ["FrozenBatchNorm2d", "NORMS", "convert_frozen_batchnorm", "fold_batchnorm", "get_norm"]
+__all__ = ["EvalBatchNorm2d", "FrozenBatchNorm2d", "NORMS", "convert_eval_batchnorm", "convert_frozen_batchnorm",
+           "fold_batchnorm", "get_norm"]
 
 
 def get_norm(norm: str | None) -> Callable[[int], nn.Module]:
@@ -36,6 +37,29 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
     BatchNormAct2d; returns the converted module (a new object only if `module` was itself a BN).
     """
     return freeze_batch_norm_2d(module)
+
+
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """`norm_eval`: a BatchNorm2d that always normalises with its running statistics (they never update), while
+    its scale and shift still train. It stays in eval mode whatever `train()` says, so the rule travels with the
+    layer wherever its module moves (C4's res5 into the box head), and SyncBN conversion leaves it alone."""
+
+    def train(self, mode: bool = True) -> "EvalBatchNorm2d":
+        return super().train(False)
+
+
+def convert_eval_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm2d / SyncBatchNorm in `module` (or `module` itself) for an `EvalBatchNorm2d` copy."""
+    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        converted = EvalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats).to(module.weight.device if module.affine else "cpu")
+        converted.load_state_dict(module.state_dict())
+        if module.affine:
+            converted.requires_grad_(module.weight.requires_grad)
+        return converted.eval()
+    for name, child in module.named_children():
+        module.add_module(name, convert_eval_batchnorm(child))
+    return module
 
 
 @torch.no_grad()

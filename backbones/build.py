@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .base import Backbone
-from .batch_norm import NORMS, convert_frozen_batchnorm, get_norm
+from .batch_norm import NORMS, convert_eval_batchnorm, convert_frozen_batchnorm, get_norm
 from .resnet import ResNet
 from .timm_backbone import TimmBackbone
 from .vgg import VGG16
@@ -105,5 +105,6 @@ def build_backbone(name: str, *, out_features: Sequence[str] = DEFAULT_OUT_FEATU
         load_backbone_weights(backbone, weights, stride_in_1x1=stride_in_1x1)
     backbone.set_out_features(out_features)
     backbone.freeze(freeze_at)
-    backbone.norm_eval = norm_eval
+    if norm_eval:
+        convert_eval_batchnorm(backbone)
     return backbone

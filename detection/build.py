@@ -4,7 +4,10 @@ Shared by tools/train_det.py, test_det.py and visualize_det.py so they read data
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping
+
+from engine.demo_data import prepare_demo_data
 
 from .datasets import VOC_CLASSES, DetectionDataset, ImageRecord, load_coco_records, load_voc_records
 from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco
@@ -16,11 +19,12 @@ METRICS = ("coco", "voc07", "voc12")
 
 
 def prepare_synthetic(data: Mapping[str, Any]) -> None:
-    """The built-in demo: write the generated shapes dataset (idempotent) where the config points."""
+    """The built-in demo data when the config turns it on (`data.synthetic.enabled: true`, see
+    `engine.demo_data`): generated once into its own folder `data.root`."""
     spec = data["synthetic"]
-    if spec["enabled"]:
-        generate_shapes_dataset(data["root"], num_train=spec["num_train"], num_val=spec["num_val"],
-                                image_size=spec["image_size"])
+    if spec["enabled"] is True:
+        prepare_demo_data(data["root"], partial(generate_shapes_dataset, num_train=spec["num_train"],
+                                                num_val=spec["num_val"], image_size=spec["image_size"]))
 
 
 def load_split(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], list[str], list[int] | None]:

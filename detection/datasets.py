@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from engine.images import DatasetError, read_image  # noqa: F401 (re-exported: part of this module's API)
 
@@ -217,7 +217,6 @@ class DetectionDataset(Dataset):
     def __init__(self, records: Sequence[ImageRecord], transform: Callable | None = None):
         self.records = list(records)
         self.transform = transform
-        self._worker_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -231,7 +230,6 @@ class DetectionDataset(Dataset):
         keep = ~record.ignore
         boxes, labels = record.boxes[keep], record.labels[keep]
         if self.transform is not None:
-            self._reseed_in_worker()
             out = self.transform(image=image, bboxes=boxes, labels=labels)
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
@@ -240,14 +238,6 @@ class DetectionDataset(Dataset):
                   "image_id": record.image_id, "orig_size": (record.height, record.width)}
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
         return tensor, target
-
-    def _reseed_in_worker(self) -> None:
-        """albumentations keeps its own RNG, which DataLoader workers would all inherit in the same state (and,
-        without persistent workers, restart from every epoch): reseed it from the worker's per-epoch torch seed."""
-        worker = get_worker_info()
-        if worker is not None and worker.seed != self._worker_seed and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(worker.seed % 2**32)
-            self._worker_seed = worker.seed
 
     def aspect_ratios(self) -> list[float]:
         """Width / height per record, from the annotations (no decoding), for aspect-ratio grouping."""

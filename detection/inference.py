@@ -21,12 +21,12 @@ def to_original_size(boxes: torch.Tensor, image: torch.Tensor, orig_size: tuple[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluator | VOCEvaluator, device: torch.device,
-             *, amp: bool = False) -> dict:
+             *, amp_dtype: torch.dtype | None = None) -> dict:
     """Predict every image of `loader` (this process's shard), gather predictions on rank 0, compute
     the metrics there. Other ranks return {}."""
     model.eval()
     for images, targets in tqdm(loader, desc="eval", disable=not is_main_process(), dynamic_ncols=True):
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model([image.to(device) for image in images])
         for image, target, output in zip(images, targets, outputs):
             boxes = to_original_size(output["boxes"].float().cpu(), image, target["orig_size"])

@@ -1,4 +1,5 @@
-"""Training checkpoints that are safe to write (atomic) and safe to read (``weights_only``).
+"""Training checkpoints that are safe to write (atomic) and safe to read (``weights_only``), and the rules for
+starting a run in a folder that may hold one (new run, ``--resume``, ``--overwrite``, ``--eval-only``).
 
 Only tensors and plain Python containers are stored, so loading never unpickles arbitrary
 objects and a crash mid-save never leaves a truncated ``last.pth`` behind.
@@ -7,6 +8,7 @@ objects and a crash mid-save never leaves a truncated ``last.pth`` behind.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,13 +98,76 @@ def find_resume(output_dir: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def resume(output_dir: str | Path, **objects: Any) -> dict[str, Any]:
-    """`--resume`: restore ``output_dir/last.pth`` into the given model / optimizer / scheduler / scaler.
 
-    A missing checkpoint is an error naming the folder, not a silent fresh start."""
-    path = find_resume(output_dir)
-    if path is None:
-        raise FileNotFoundError(f"--resume: no {LAST_CHECKPOINT} in {output_dir}")
-    state = load_checkpoint(path, **objects)
-    print(f"resumed from {path} at epoch {state['epoch']}, iteration {state['iteration']}")
-    return state
+# Keys a resumed run may change: they lengthen the run or touch evaluation, logging and loading speed only.
+SAFE_RESUME_CHANGES = ("train.epochs", "train.iters", "train.log_every", "train.checkpoint_every", "eval.",
+                       "data.num_workers", "data.val_limit", "output_dir")
+WORK_FILES = (LAST_CHECKPOINT, "history.jsonl", "metrics.json")  # a folder holding one of these holds a run
+RUN_FILES = (*WORK_FILES, "config.yaml", "resumes.jsonl", "tb")  # what --overwrite deletes
+
+
+def start_run(output_dir: str | Path, config: Mapping | DictConfig, *, resume: bool = False,
+              overwrite: bool = False, eval_only: bool = False) -> dict[str, Any] | None:
+    """Check `output_dir` before anything is written, and return the checkpoint to continue from (or None).
+
+    A new run never lands on an earlier one: a folder holding a run is an error unless `resume` (the saved
+    config must agree on everything but SAFE_RESUME_CHANGES) or `overwrite` (the earlier run's files are
+    deleted). `eval_only` needs a checkpoint. Stray temporaries of a save that was killed are removed.
+    """
+    output_dir = Path(output_dir)
+    path = output_dir / LAST_CHECKPOINT
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in output_dir, --overwrite deletes it: choose one")
+    if eval_only or resume:
+        if not path.is_file():
+            flag = "--eval-only" if eval_only else "--resume"
+            raise FileNotFoundError(f"{flag}: no {LAST_CHECKPOINT} in {output_dir}; train first, or point "
+                                    "output_dir at a finished run")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if resume:
+            changed = config_changes(state.get("config") or {}, config)
+            refused = {key: change for key, change in changed.items() if not key.startswith(SAFE_RESUME_CHANGES)}
+            if refused:
+                lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in sorted(refused.items()))
+                raise ValueError(f"--resume: the config differs from the run in {output_dir} in keys that change "
+                                 f"what the run is:\n{lines}\nresume with the run's own config "
+                                 f"({output_dir / 'config.yaml'}), or start a new run in another output_dir")
+            state["config_changes"] = changed
+        _remove_stray_temporaries(output_dir)
+        return state
+    earlier = [name for name in WORK_FILES if (output_dir / name).exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(f"output_dir {output_dir} holds an earlier run ({', '.join(earlier)}): add --resume to "
+                              "continue it, set output_dir=<another folder>, or pass --overwrite to delete it")
+    for name in RUN_FILES if overwrite else ():
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    _remove_stray_temporaries(output_dir)
+    return None
+
+
+def config_changes(saved: Mapping, current: Mapping | DictConfig) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, current value)} for every leaf that differs (or exists on one side only)."""
+    if isinstance(current, DictConfig):
+        current = OmegaConf.to_container(current, resolve=True)
+    old, new = _flatten(saved), _flatten(current)
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _remove_stray_temporaries(output_dir: Path) -> None:
+    """A kill during `save_checkpoint` leaves its temporary file: the checkpoint itself is still whole."""
+    for stray in output_dir.glob(f".{LAST_CHECKPOINT}.*.tmp"):
+        stray.unlink()

@@ -6,10 +6,8 @@ Tools launched with ``torchrun`` and with plain ``python`` run the same code pat
 from __future__ import annotations
 
 import os
-import random
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -90,18 +88,3 @@ def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
 
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch (all devices) with ``seed + rank``.
-
-    Offsetting by rank keeps runs reproducible while ranks draw different augmentations.
-    """
-    seed = seed + rank
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Torch already seeds each worker (base seed + worker_id) for torch and python; numpy too."""
-    np.random.seed(torch.initial_seed() % 2**32)

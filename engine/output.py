@@ -25,19 +25,36 @@ HISTORY = "history.jsonl"
 class RunOutput:
     """The run directory: ``config.yaml``, ``tb/``, ``metrics.json``, ``history.jsonl``."""
 
-    def __init__(self, output_dir: str | Path, cfg: DictConfig) -> None:
+    def __init__(self, output_dir: str | Path, cfg: DictConfig, *, resume_from: int | None = None,
+                 history_lines: int = 0, write_config: bool = True) -> None:
+        """`resume_from`: the iteration a resumed run continues from. What the killed run logged after that
+        point is dropped (history.jsonl kept to its first `history_lines` lines, TensorBoard events purged),
+        so the resumed run logs every iteration exactly once."""
         self.output_dir = Path(output_dir)
         self.enabled = is_main_process()
+        self.purge_step = None if resume_from is None else resume_from + 1
+        self.history_lines = history_lines
         self._writer: SummaryWriter | None = None
         if self.enabled:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
+            if write_config:
+                save_config(cfg, self.output_dir / "config.yaml")
+            if resume_from is not None:
+                self._truncate_history(history_lines)
+
+    def _truncate_history(self, lines: int) -> None:
+        path = self.output_dir / HISTORY
+        if path.is_file():
+            kept = path.read_text().splitlines(keepends=True)[:lines]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
 
     @property
     def writer(self) -> SummaryWriter:
         """Opened on first use so runs that never log scalars leave no empty event file."""
         if self._writer is None:
-            self._writer = SummaryWriter(str(self.output_dir / "tb"))
+            self._writer = SummaryWriter(str(self.output_dir / "tb"), purge_step=self.purge_step)
         return self._writer
 
     def log_scalars(self, scalars: Mapping[str, Any], step: int, prefix: str = "train/") -> None:
@@ -50,15 +67,20 @@ class RunOutput:
         """Final metrics as JSON; non-finite values become null so the file stays valid JSON."""
         if not self.enabled:
             return
-        text = json.dumps(_jsonable(metrics), indent=2, allow_nan=False)
+        text = json.dumps(jsonable(metrics), indent=2, allow_nan=False)
         (self.output_dir / name).write_text(text + "\n")
 
     def append_history(self, record: Mapping[str, Any]) -> None:
         """One JSON line per logging step (e.g. iteration, epoch, losses) for plot_history."""
+        self.append_record(HISTORY, record)
+        self.history_lines += self.enabled
+
+    def append_record(self, name: str, record: Mapping[str, Any]) -> None:
+        """Append `record` as one JSON line to the file `name` in the run directory."""
         if not self.enabled:
             return
-        with open(self.output_dir / HISTORY, "a") as f:
-            f.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
+        with open(self.output_dir / name, "a") as f:
+            f.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
 
     def close(self) -> None:
         if self._writer is not None:
@@ -66,12 +88,12 @@ class RunOutput:
             self._writer = None
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON values: tensors/numpy scalars via ``.item()``, nan/inf -> None."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

@@ -1,21 +1,23 @@
-"""Per-iteration learning-rate schedules and the SGD setup used by all training tools.
+"""Per-iteration learning-rate schedules, SGD with weight-decay groups, and the one optimizer step of every tool.
 
-Detection recipes schedule in iterations (warmup, then step decay at fixed iterations), so the
-scheduler is a single LambdaLR stepped once per iteration rather than per epoch.
+Detection recipes schedule in iterations (warm-up, then step decay at fixed iterations), so the scheduler is a
+single LambdaLR stepped once per iteration rather than per epoch.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torchvision.ops._utils import split_normalization_params
 
-POLICIES = ("step", "cosine", "constant")
+POLICIES = ("step", "cosine", "poly", "constant")
+POLY_POWER = 0.9  # DeepLab's "poly" schedule: lr * (1 - it / total) ** 0.9
+# module types whose parameters (scale and shift) count as normalisation parameters for weight decay
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def build_lr_scheduler(
@@ -27,17 +29,18 @@ def build_lr_scheduler(
     policy: str = "step",
     steps: Sequence[float | int] = (),
     gamma: float = 0.1,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from ``warmup_factor`` to 1 over ``warmup_iters``, times the decay ``policy``.
+) -> LambdaLR:
+    """Linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, times the decay ``policy``.
 
-    ``step``: multiply by ``gamma`` at each milestone in ``steps`` (fractions of ``total_iters``
-    if all < 1, else iteration numbers); ``cosine``: to 0 at ``total_iters``; ``constant``.
+    ``step``: multiply by ``gamma`` at each milestone in ``steps``: all fractions of ``total_iters`` (0 < s < 1)
+    or all iteration numbers (integers >= 1), never a mix; ``cosine``: to 0 at ``total_iters``; ``poly``:
+    ``(1 - it / total_iters) ** 0.9``; ``constant``.
     """
     if policy not in POLICIES:
         raise ValueError(f"Unknown lr policy {policy!r}; expected one of {', '.join(POLICIES)}")
     if total_iters <= 0:
         raise ValueError(f"total_iters must be positive, got {total_iters}")
-    decay = _decay(policy, total_iters, steps, gamma)
+    decay = _decay(policy, total_iters, milestones(steps, total_iters) if policy == "step" else [], gamma)
 
     def factor(iteration: int) -> float:
         if iteration < warmup_iters:
@@ -45,53 +48,61 @@ def build_lr_scheduler(
             return (warmup_factor * (1 - alpha) + alpha) * decay(iteration)
         return decay(iteration)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, factor)
 
 
-def _decay(
-    policy: str, total_iters: int, steps: Sequence[float | int], gamma: float
-) -> Callable[[int], float]:
+def milestones(steps: Sequence[float | int], total_iters: int) -> list[int]:
+    """`train.lr_steps` as sorted iteration numbers; a mix of fractions and iterations is an error."""
+    steps = list(steps)
+    fractions = [s for s in steps if 0 < s < 1]
+    iterations = [s for s in steps if s >= 1 and float(s).is_integer()]
+    if fractions and iterations or len(fractions) + len(iterations) != len(steps):
+        raise ValueError(f"lr_steps {steps} must be all fractions of the run (0 < s < 1) or all iteration "
+                         "numbers (integers >= 1)")
+    return sorted(round(s * total_iters) for s in fractions) or sorted(int(s) for s in iterations)
+
+
+def _decay(policy: str, total_iters: int, steps: list[int], gamma: float) -> Callable[[int], float]:
     if policy == "cosine":
         return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / total_iters))
+    if policy == "poly":
+        return lambda it: (1 - min(it, total_iters) / total_iters) ** POLY_POWER
     if policy == "step":
-        fractions = all(s < 1 for s in steps)
-        milestones = sorted(round(s * total_iters) if fractions else int(s) for s in steps)
-        return lambda it: gamma ** bisect.bisect_right(milestones, it)
+        return lambda it: gamma ** bisect.bisect_right(steps, it)
     return lambda it: 1.0
 
 
 def build_sgd(
-    params_or_model: nn.Module | Iterable[torch.Tensor],
+    model: nn.Module,
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     norm_weight_decay: float | None = 0.0,
+    bias_weight_decay: float | None = 0.0,
 ) -> torch.optim.SGD:
-    """SGD over trainable params; for a model, norm-layer and bias params get ``norm_weight_decay``.
+    """SGD over the trainable parameters with up to three weight-decay groups.
 
-    BN scales and biases add little capacity, so the usual recipe exempts them from decay.
-    ``norm_weight_decay=None`` (or a plain param iterable) applies ``weight_decay`` everywhere.
+    Normalisation scales and shifts get ``norm_weight_decay``, the other biases ``bias_weight_decay``, every
+    other weight ``weight_decay``; ``None`` means ``weight_decay`` (the paper decays every parameter).
     """
-    if isinstance(params_or_model, nn.Module):
-        if norm_weight_decay is not None:
-            groups = _decay_groups(params_or_model, weight_decay, norm_weight_decay)
-            return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        params_or_model = params_or_model.parameters()
-    params = [p for p in params_or_model if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    groups = weight_decay_groups(model, weight_decay, norm_weight_decay, bias_weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _decay_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
-    """Two param groups: regular weights, and norm-layer params plus all biases."""
-    norm_params, other_params = split_normalization_params(model)  # trainable params only
-    biases = {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
-    decayed = [p for p in other_params if id(p) not in biases]
-    undecayed = norm_params + [p for p in other_params if id(p) in biases]
-    groups = [
-        {"params": decayed, "weight_decay": weight_decay},
-        {"params": undecayed, "weight_decay": norm_weight_decay},
-    ]
-    return [group for group in groups if group["params"]]
+def weight_decay_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float | None,
+                        bias_weight_decay: float | None) -> list[dict]:
+    """Param groups by kind. Hand-written: timm's `param_groups_weight_decay` puts norm parameters and biases
+    in one group (by ndim), torchvision's `split_normalization_params` is private and ignores biases."""
+    decay_of = {"norm": weight_decay if norm_weight_decay is None else norm_weight_decay,
+                "bias": weight_decay if bias_weight_decay is None else bias_weight_decay,
+                "weight": weight_decay}
+    params: dict[str, list[nn.Parameter]] = {"weight": [], "norm": [], "bias": []}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                kind = "norm" if isinstance(module, NORM_TYPES) else "bias" if name == "bias" else "weight"
+                params[kind].append(param)
+    return [{"params": params[kind], "weight_decay": decay_of[kind]} for kind in params if params[kind]]
 
 
 def step_optimizer(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,

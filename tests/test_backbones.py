@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from backbones import (FrozenBatchNorm2d, ShapeSpec, build_backbone, convert_frozen_batchnorm, count_macs,
+from backbones import (EvalBatchNorm2d, FrozenBatchNorm2d, ShapeSpec, build_backbone, convert_frozen_batchnorm, count_macs,
                        count_parameters, save_backbone)
 
 # He et al. 2015, Table 1: (GMACs at 224x224, million parameters); the paper's ResNet-50+ put the stride in the 1x1
@@ -139,6 +139,7 @@ def test_norm_eval_keeps_statistics_in_train_mode():
     backbone(torch.randn(2, 3, 32, 32))
     assert torch.equal(before, backbone.bn1.running_mean)
     assert backbone.training and not backbone.bn1.training
+    assert isinstance(backbone.bn1, EvalBatchNorm2d)
 
 
 def test_frozen_batchnorm_copies_eps_and_matches_bn():

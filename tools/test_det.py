@@ -25,6 +25,7 @@ from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector, load_detector_weights  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
+from engine.loop import amp_dtype  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluator = CocoEvaluator(cfg.data.val.annotations, list(range(1, 91)), backend=cfg.eval.backend)
     else:
         evaluator = build_evaluator(cfg.eval.metric, cfg.eval.backend, cfg.data, records, class_names, cat_ids)
-    metrics = evaluate(model, loader, evaluator, device, amp=cfg.train.amp and device.type == "cuda")
+    metrics = evaluate(model, loader, evaluator, device, amp_dtype=amp_dtype(cfg.train.amp, device))
 
     if is_main_process():
         out = args.out or args.checkpoint.with_name("test_metrics.json")

@@ -16,16 +16,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import cleanup, init_distributed, is_main_process  # noqa: E402
+from engine.loop import amp_dtype, eval_loader  # noqa: E402
+from segmentation.build import build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
+from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
-from train_seg import (DEFAULT_CONFIG, build_dataset, check_classes, evaluate, prepare_synthetic, report,  # noqa: E402
-                       shard)
+from train_seg import DEFAULT_CONFIG  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,17 +37,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.flip=true")
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
-    rank, world_size, device = init_distributed(cfg.device)
+    _, _, device = init_distributed(cfg.device)
 
     prepare_synthetic(cfg.data)
     val_set = build_dataset(cfg.data, "val")
     check_classes(cfg.model.num_classes, val_set)
-    loader = DataLoader(shard(val_set, cfg.data.val_limit, rank, world_size), batch_size=1,
-                        num_workers=cfg.data.num_workers)
+    loader = eval_loader(first(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)
     model = build_segmentation_model(cfg.model).to(device)
     load_checkpoint(args.checkpoint, model=model, map_location=device)
     metrics = evaluate(model, loader, val_set.class_names, device, scales=cfg.eval.scales, flip=cfg.eval.flip,
-                       amp=cfg.train.amp and device.type == "cuda")
+                       amp_dtype=amp_dtype(cfg.train.amp, device))
 
     out = args.out or args.checkpoint.with_name("test_metrics.json")
     if is_main_process():

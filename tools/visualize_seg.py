@@ -23,7 +23,8 @@ from engine.config import config_or_exit  # noqa: E402
 from segmentation.evaluation import multiscale_flip_inference  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
 from segmentation.palette import overlay  # noqa: E402
-from train_seg import DEFAULT_CONFIG, build_dataset, check_classes, prepare_synthetic  # noqa: E402
+from segmentation.build import build_dataset, check_classes, prepare_synthetic  # noqa: E402
+from train_seg import DEFAULT_CONFIG  # noqa: E402
 
 GAP = 4  # white pixels between panels
 
