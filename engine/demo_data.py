@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from .images import DatasetError
 
 OWNER_MARKER = ".resdet-demo-data"  # written first: the folder belongs to the generator, even half-written
+DONE_MARKER = "DONE.json"  # what the generators write last (a set made by calling a generator directly)
 DATA_KEYS = ("data.root", "data.train.", "data.val.", "data.format")  # overrides that name the user's data
 
 
@@ -33,7 +34,8 @@ def resolve_demo_data(cfg: DictConfig, args: Namespace) -> bool:
 def prepare_demo_data(root: str | Path, generate: Callable[[Path], object]) -> None:
     """Run `generate(root)` (idempotent) unless `root` holds files the generator did not write."""
     root = Path(root)
-    if root.is_dir() and any(root.iterdir()) and not (root / OWNER_MARKER).is_file():
+    owned = (root / OWNER_MARKER).is_file() or (root / DONE_MARKER).is_file()
+    if root.is_dir() and any(root.iterdir()) and not owned:
         raise DatasetError(f"data.synthetic.enabled would write the generated demo set into data.root={root}, which "
                            "holds other files: point data.root at a new folder, or set data.synthetic.enabled=false "
                            "to train on the data in it")

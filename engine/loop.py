@@ -258,4 +258,4 @@ class TrainingLoop:
         self.metrics = loop["metrics"]
         set_rng_state(state["rng"][self.rank])
         print(f"resumed from {Path(self.cfg.output_dir) / LAST_CHECKPOINT} at iteration {self.iteration} "
-              f"(epoch {self.epoch + 1}, batch {self.step_in_epoch})")
+              f"({self.epoch} epochs and {self.step_in_epoch} batches done)")

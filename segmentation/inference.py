@@ -35,4 +35,5 @@ def evaluate(model: nn.Module, loader: DataLoader, class_names: Sequence[str], d
 def report(metrics: Mapping[str, Any]) -> None:
     print(f"mIoU = {metrics['mIoU']:.3f}   pixel acc = {metrics['pixel_acc']:.3f}   "
           f"mean acc = {metrics['mean_acc']:.3f}")
-    print(json.dumps({k: round(v, 3) for k, v in metrics["IoU_per_class"].items()}, indent=1))
+    # nan (a class absent from labels and predictions) is None once the metrics went through a checkpoint
+    print(json.dumps({k: None if v is None else round(v, 3) for k, v in metrics["IoU_per_class"].items()}, indent=1))

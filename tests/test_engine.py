@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -15,11 +17,14 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from engine import distributed
-from engine.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from engine import distributed, random_state
+from engine.checkpoint import find_resume, load_checkpoint, save_checkpoint, start_run
 from engine.config import ConfigError, load_config, parse_args, save_config
 from engine.output import RunOutput, plot_history
+from engine.sampling import EpochBatches
 from engine.schedule import build_lr_scheduler, build_sgd
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = """\
 output_dir: runs/x
@@ -202,6 +207,30 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "last.pth")["iteration"] == 1
 
 
+def test_a_new_run_never_lands_on_an_earlier_one(tmp_path):
+    cfg = OmegaConf.create({"train": {"lr": 0.1, "epochs": 2}, "model": {"name": "r18"}, "output_dir": str(tmp_path)})
+    assert start_run(tmp_path, cfg) is None  # empty folder: fine
+    save_checkpoint(tmp_path / "last.pth", model=nn.Linear(2, 2), epoch=1, iteration=5,
+                    config=OmegaConf.to_container(cfg))
+    (tmp_path / ".last.pth.abc.tmp").write_bytes(b"half")  # what a kill -9 during a save leaves
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(last.pth\).*--resume.*--overwrite"):
+        start_run(tmp_path, cfg)
+    with pytest.raises(FileNotFoundError, match="--eval-only: no last.pth"):
+        start_run(tmp_path / "empty", cfg, eval_only=True)
+
+    longer = OmegaConf.merge(cfg, {"train": {"epochs": 4}})
+    state = start_run(tmp_path, longer, resume=True)  # a longer run is a safe change, and recorded
+    assert state["iteration"] == 5 and state["config_changes"] == {"train.epochs": (2, 4)}
+    assert not list(tmp_path.glob("*.tmp"))
+
+    other = OmegaConf.merge(cfg, {"train": {"lr": 0.2}, "model": {"name": "r50"}})
+    with pytest.raises(ValueError, match=r"(?s)model.name: 'r18' -> 'r50'.*train.lr: 0.1 -> 0.2"):
+        start_run(tmp_path, other, resume=True)
+
+    assert start_run(tmp_path, other, overwrite=True) is None
+    assert not (tmp_path / "last.pth").exists()
+
+
 # ---------------------------------------------------------------- schedule
 
 
@@ -241,20 +270,46 @@ def test_step_milestones_as_iterations_and_cosine():
 
 def test_unknown_policy_lists_valid_ones():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ValueError, match="step, cosine, constant"):
-        build_lr_scheduler(opt, total_iters=10, policy="poly")
+    with pytest.raises(ValueError, match="step, cosine, poly, constant"):
+        build_lr_scheduler(opt, total_iters=10, policy="exp")
 
 
-def test_build_sgd_no_decay_on_norm_and_bias():
+def test_poly_schedule_is_deeplabs():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    values = lrs(build_lr_scheduler(opt, total_iters=100, policy="poly"), 101)
+    assert values[0] == pytest.approx(1.0)
+    assert values[50] == pytest.approx(0.5 ** 0.9)
+    assert values[100] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("steps", [(0.5, 60), (0.5, 1.5), (-1,), (30.5,)])
+def test_lr_steps_mixing_fractions_and_iterations_is_refused(steps):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="all fractions .* or all iteration numbers"):
+        build_lr_scheduler(opt, total_iters=100, steps=steps)
+
+
+def decay_of_params(groups: list[dict]) -> dict[float, set[int]]:
+    by_decay: dict[float, set[int]] = {}
+    for group in groups:
+        by_decay.setdefault(group["weight_decay"], set()).update(id(p) for p in group["params"])
+    return by_decay
+
+
+def test_build_sgd_weight_decay_groups():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Linear(4, 2))
     model[0].weight.requires_grad_(False)  # frozen params are left out
-    groups = build_sgd(model, lr=0.1, weight_decay=1e-4).param_groups
-    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}
+    by_decay = decay_of_params(build_sgd(model, lr=0.1, weight_decay=1e-4).param_groups)
     assert by_decay[1e-4] == {id(model[2].weight)}
     assert by_decay[0.0] == {id(model[1].weight), id(model[1].bias), id(model[2].bias)}
 
-    single = build_sgd(model, lr=0.1, weight_decay=1e-4, norm_weight_decay=None).param_groups
-    assert len(single) == 1 and len(single[0]["params"]) == 4
+    groups = build_sgd(model, lr=0.1, weight_decay=1e-4, norm_weight_decay=1e-5, bias_weight_decay=None).param_groups
+    by_decay = decay_of_params(groups)
+    assert by_decay == {1e-4: {id(model[2].weight), id(model[2].bias)},
+                        1e-5: {id(model[1].weight), id(model[1].bias)}}
+
+    single = build_sgd(model, lr=0.1, weight_decay=1e-4, norm_weight_decay=None, bias_weight_decay=None).param_groups
+    assert {g["weight_decay"] for g in single} == {1e-4} and sum(len(g["params"]) for g in single) == 4
 
 
 # ---------------------------------------------------------------- output
@@ -297,12 +352,48 @@ def test_single_process_helpers():
 
 
 def test_seed_everything_is_reproducible():
-    distributed.seed_everything(7)
+    random_state.seed_everything(7)
     a = torch.rand(3)
-    distributed.seed_everything(7)
+    random_state.seed_everything(7)
     assert torch.equal(a, torch.rand(3))
-    distributed.seed_everything(7, rank=1)
+    random_state.seed_everything(7, rank=1)
     assert not torch.equal(a, torch.rand(3))
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    random_state.seed_everything(3)
+    torch.save(random_state.get_rng_state(), tmp_path / "rng.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random_state.seed_everything(99)
+    random_state.set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_isolated_rng_leaves_the_callers_generators_alone():
+    random_state.seed_everything(5)
+    expected = torch.rand(1)
+    random_state.seed_everything(5)
+    with random_state.isolated_rng(123):
+        inside = (random.random(), np.random.rand(), torch.rand(1))
+    assert torch.equal(torch.rand(1), expected)
+    with random_state.isolated_rng(123):
+        assert (random.random(), np.random.rand()) == inside[:2] and torch.equal(torch.rand(1), inside[2])
+
+
+def test_epoch_batches_are_fixed_by_seed_and_epoch_and_resume_mid_epoch():
+    dataset = list(range(10))
+    batches = EpochBatches(dataset, seed=0, batch_size=3)
+    batches.set_epoch(1)
+    epoch1 = list(batches)
+    batches.set_epoch(1, start=2)
+    assert list(batches) == epoch1[2:] and len(batches) == len(epoch1) - 2
+    batches.set_epoch(2)
+    assert list(batches) != epoch1
+    assert sorted(i for batch in epoch1 for i, _ in batch) == dataset
+    fresh = EpochBatches(dataset, seed=0, batch_size=3)
+    fresh.set_epoch(1)
+    assert list(fresh) == epoch1  # a new process (a resumed run) draws the same epoch
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, out_dir: Path) -> None:
@@ -334,3 +425,27 @@ def free_port() -> int:
 def test_two_process_gloo(tmp_path):
     # fork: the workers inherit the imported modules instead of re-importing torch (seconds each)
     mp.start_processes(_gloo_worker, args=(2, free_port(), tmp_path), nprocs=2, start_method="fork")
+
+
+# ---------------------------------------------------------------- loop: SyncBN and norm_eval
+
+
+def test_sync_bn_converts_heads_too_but_not_frozen_statistics():
+    from backbones import EvalBatchNorm2d
+    from detection.models import build_detector
+    from engine.loop import convert_sync_batchnorm
+    from segmentation.models import build_segmentation_model
+
+    seg_cfg = load_config(ROOT / "configs" / "seg" / "default.yaml", overrides=["model.aux_loss=true"]).model
+    seg = convert_sync_batchnorm(build_segmentation_model(seg_cfg))
+    norms = [type(m) for m in seg.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and set(norms) == {nn.SyncBatchNorm}  # ASPP, decoder and aux head included
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in seg.classifier.modules())
+
+    det_cfg = load_config(ROOT / "configs" / "det" / "default.yaml",
+                          overrides=["model.head=c4", "model.backbone.options={norm_eval: true}"]).model
+    det = build_detector(det_cfg).train()
+    res5_norms = [m for m in det.roi_heads.box_head.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert res5_norms and all(isinstance(m, EvalBatchNorm2d) and not m.training for m in res5_norms)
+    det = convert_sync_batchnorm(det).train()
+    assert all(type(m) is EvalBatchNorm2d for m in det.roi_heads.box_head.modules() if isinstance(m, nn.BatchNorm2d))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -15,6 +16,7 @@ import test_det  # noqa: E402
 import train_det  # noqa: E402
 import visualize_det  # noqa: E402
 
+SHAPES = "data.synthetic.enabled=true"  # the generated demo set, written into data.root
 TINY = ["data.num_workers=0", "model.rpn.pre_nms_top_n_test=200", "model.rpn.post_nms_top_n_test=100",
         "model.roi.batch_size_per_image=32", "train.log_every=1"]
 
@@ -24,7 +26,7 @@ def history(output_dir: Path) -> list[dict]:
 
 
 def train_losses(output_dir: Path) -> list[float]:
-    return [record["loss"] for record in history(output_dir) if "loss" in record]
+    return [record["train/loss"] for record in history(output_dir) if "train/loss" in record]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def shapes_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shapes")
     root, out = tmp / "shapes", tmp / "run"
     val = [f"data.val.images={root}/train", f"data.val.annotations={root}/annotations/instances_train.json"]
-    metrics = train_det.main([*TINY, f"data.root={root}", *val, f"output_dir={out}", "data.synthetic.image_size=64",
+    metrics = train_det.main([*TINY, SHAPES, f"data.root={root}", *val, f"output_dir={out}", "data.synthetic.image_size=64",
                               "data.min_size=[64]", "data.max_size=64", "model.anchor_sizes=[8,16,32,64,128]",
                               "data.train_limit=4", "data.val_limit=4", "data.flip_prob=0", "train.batch_size=4",
                               "train.iters=50", "train.lr=0.01", "train.warmup_iters=10", "eval.every=0",
@@ -70,7 +72,7 @@ def test_resume_continues_from_the_saved_iteration(shapes_run, tmp_path):
     (out / "last.pth").write_bytes((source / "last.pth").read_bytes())
     config = source / "config.yaml"
     train_det.main(["--config", str(config), "--resume", f"output_dir={out}", "train.iters=52", "data.val_limit=2"])
-    iterations = [record["iteration"] for record in history(out) if "loss" in record]
+    iterations = [record["iteration"] for record in history(out) if "train/loss" in record]
     assert iterations == [51, 52]
 
 
@@ -110,13 +112,36 @@ def test_coco128_voc_iterations_reduce_loss_and_write_voc_metrics(tmp_path):
     assert metrics["mAP"] == pytest.approx(written["mAP"], nan_ok=True)
 
 
-def test_two_process_ddp_on_cpu(tmp_path):
+# Records every file each rank opens for writing, through Python's audit hook (sitecustomize runs at start-up).
+WRITES_HOOK = """
+import os, sys
+def _hook(event, args):
+    if event == "open" and isinstance(args[0], str) and args[0].startswith(os.environ["WATCH_DIR"]) \\
+            and any(flag in str(args[1]) for flag in "wax+"):
+        with open(os.environ["WRITES_LOG"] + os.environ.get("RANK", "x"), "a") as f:
+            f.write(args[0] + "\\n")
+if "WATCH_DIR" in os.environ:
+    sys.addaudithook(_hook)
+"""
+
+
+def test_two_process_ddp_on_cpu_only_rank0_writes_and_it_resumes(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(WRITES_HOOK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WATCH_DIR": str(out), "WRITES_LOG": str(tmp_path / "writes-rank"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-               str(ROOT / "tools" / "train_det.py"), *TINY, f"data.root={tmp_path / 'shapes'}", f"output_dir={out}",
-               "data.train_limit=8", "data.val_limit=6", "train.batch_size=2", "train.iters=2", "eval.batch_size=2"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+               str(ROOT / "tools" / "train_det.py"), *TINY, SHAPES, f"data.root={tmp_path / 'shapes'}", f"output_dir={out}",
+               "data.train_limit=8", "data.val_limit=6", "train.batch_size=2", "eval.batch_size=2"]
+    result = subprocess.run([*command, "train.iters=2"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "metrics.json").is_file() and (out / "last.pth").is_file()
-    assert [r["iteration"] for r in history(out) if "loss" in r] == [1, 2]  # 8 images / (2 ranks x 2) per epoch
+    assert [r["iteration"] for r in history(out) if "train/loss" in r] == [1, 2]  # 8 images / (2 ranks x 2) per epoch
+    assert (tmp_path / "writes-rank0").read_text() and not (tmp_path / "writes-rank1").exists()
+    assert len(torch.load(out / "last.pth", weights_only=True)["rng"]) == 2  # both ranks' random states
+
+    result = subprocess.run([*command, "train.iters=4", "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["iteration"] for r in history(out) if "train/loss" in r] == [1, 2, 3, 4]
+    assert not (tmp_path / "writes-rank1").exists()

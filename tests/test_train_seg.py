@@ -20,6 +20,7 @@ import visualize_seg  # noqa: E402
 from segmentation.synthetic import SHAPES_CLASSES, generate_shapes_segmentation  # noqa: E402
 
 COCO128_VOC = ROOT.parent / "shared" / "data" / "coco128-voc" / "VOCdevkit" / "VOC2012"
+SHAPES = "data.synthetic.enabled=true"  # the generated demo set in data.root
 TINY = ["data.num_workers=0", "data.crop_size=48", "train.batch_size=2", "data.val_limit=3", "train.log_every=1"]
 
 
@@ -45,7 +46,7 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def default_run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The default config, cut to 2 iterations."""
     run_dir = tmp_path_factory.mktemp("seg_default")
-    metrics = train_seg.main(["train.iters=2", f"data.root={shapes_root}", f"output_dir={run_dir}", *TINY])
+    metrics = train_seg.main(["train.iters=2", SHAPES, f"data.root={shapes_root}", f"output_dir={run_dir}", *TINY])
     return run_dir, metrics
 
 
@@ -65,7 +66,7 @@ def test_coco128_voc_loss_goes_down(tmp_path: Path) -> None:
     metrics = train_seg.main(["--config", str(config), f"data.root={COCO128_VOC}",
                               "train.iters=6", "train.warmup_iters=0", "data.crop_size=128", "train.batch_size=2",
                               "data.val_limit=2", "data.num_workers=0", "train.log_every=1", f"output_dir={tmp_path}"])
-    losses = [record["loss"] for record in history(tmp_path) if "loss" in record]
+    losses = [record["train/loss"] for record in history(tmp_path) if "train/loss" in record]
     assert len(losses) == 6
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     assert len(metrics["IoU_per_class"]) == 21 and (tmp_path / "metrics.json").is_file()
@@ -81,7 +82,7 @@ def test_overfits_four_images(tmp_path: Path) -> None:
     stems = (root / "ImageSets" / "Segmentation" / "train.txt").read_text()
     (root / "ImageSets" / "Segmentation" / "train_x10.txt").write_text(stems * 10)
     metrics = train_seg.main([
-        f"data.root={root}", "data.synthetic=false", f"data.class_names={list(SHAPES_CLASSES)}",
+        f"data.root={root}", "data.synthetic.enabled=false", f"data.class_names={list(SHAPES_CLASSES)}",
         "data.train.split=train_x10", "data.val.split=train", "data.crop_size=48", "data.scale_range=[1.0,1.0]",
         "data.flip_prob=0", "data.num_workers=0", "train.batch_size=4", "train.iters=60", "train.lr=0.05",
         "train.warmup_iters=5", "train.weight_decay=0", f"output_dir={tmp_path / 'run'}",
@@ -93,9 +94,9 @@ def test_resume_continues_from_saved_iteration(default_run: tuple[Path, dict], s
                                                capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(default_run[0], run_dir)
-    train_seg.main(["--resume", "train.iters=4", f"data.root={shapes_root}", f"output_dir={run_dir}", *TINY])
-    assert "at epoch 1, iteration 2" in capsys.readouterr().out
-    iterations = [record["iteration"] for record in history(run_dir) if "loss" in record]
+    train_seg.main(["--resume", "train.iters=4", SHAPES, f"data.root={shapes_root}", f"output_dir={run_dir}", *TINY])
+    assert "at iteration 2 (0 epochs and 2 batches done)" in capsys.readouterr().out
+    iterations = [record["iteration"] for record in history(run_dir) if "train/loss" in record]
     assert iterations == [1, 2, 3, 4]
     assert torch.load(run_dir / "last.pth", weights_only=True)["iteration"] == 4
 
@@ -105,7 +106,7 @@ def test_config_mistakes_fail_clearly(shapes_root: Path, tmp_path: Path, capsys:
         train_seg.main(["train.lrr=0.1", f"output_dir={tmp_path}"])
     assert "did you mean 'train.lr'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="model.num_classes=21 but the data has 4 classes"):
-        train_seg.main(["model.num_classes=21", f"data.root={shapes_root}", f"output_dir={tmp_path}"])
+        train_seg.main(["model.num_classes=21", SHAPES, f"data.root={shapes_root}", f"output_dir={tmp_path}"])
 
 
 def test_test_and_visualize_tools_on_checkpoint(default_run: tuple[Path, dict], tmp_path: Path) -> None:
