@@ -191,7 +191,7 @@ def _check_combination(block: str, norm: NormFactory, *, residual: bool, shortcu
     if block == "basic" and stride_in_1x1:
         raise ValueError("stride_in_1x1 applies to bottleneck blocks (ResNet-50 and deeper); basic blocks have no 1x1 conv")
     if zero_init_residual:
-        probe = norm(8)
+        probe = norm(64)
         if not isinstance(getattr(probe, "weight", None), nn.Parameter):
             raise ValueError(f"zero_init_residual needs a norm with a trainable scale, got {type(probe).__name__}: "
                              "a frozen or absent scale would keep every residual branch at zero")
