@@ -68,8 +68,13 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
     The paper notes BN "can be merged" at inference: conv+BN becomes one conv with a bias. Pairs are
     found by name the way ResNet/VGG lay them out (`convK` -> `bnK` siblings, and `Sequential(conv, bn)`
-    as in `downsample` / vgg16_bn's features). Uses torch's `fuse_conv_bn_weights`.
+    as in `downsample` / vgg16_bn's features). Uses torch's `fuse_conv_bn_weights`. Pre-activation blocks
+    (BN-ReLU before the conv, `norm_before_conv`) cannot be folded this way: refused before anything changes.
     """
+    preact = [name for name, m in module.named_modules() if getattr(m, "norm_before_conv", False)]
+    if preact:
+        raise ValueError(f"fold_batchnorm: {len(preact)} pre-activation block(s) (e.g. {preact[0]!r}) apply BN-ReLU "
+                         "before their convs, so BN cannot be folded into a conv; run them unfolded")
     for parent in module.modules():
         pairs = []
         if isinstance(parent, nn.Sequential):

@@ -66,9 +66,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.residual = residual
 
-    @property
-    def last_norm(self) -> nn.Module:
-        return self.bn2
+    def zero_init_last(self) -> None:
+        """Zero the last BN's scale: the residual branch starts at 0 and the block at identity."""
+        nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -100,9 +100,8 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.residual = residual
 
-    @property
-    def last_norm(self) -> nn.Module:
-        return self.bn3
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -114,9 +113,11 @@ class Bottleneck(nn.Module):
 
 
 class PreActBasicBlock(nn.Module):
-    """BN-ReLU-conv ordering (He et al. 2016, "Identity Mappings"): the shortcut path stays clean."""
+    """BN-ReLU-conv ordering (He et al. 2016, "Identity Mappings"): the shortcut path stays clean.
+    `norm_before_conv` tells fold_batchnorm that its BNs cannot be folded into the following conv."""
 
     expansion = 1
+    norm_before_conv = True
 
     def __init__(self, in_channels: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, norm: NormFactory = nn.BatchNorm2d, dilation: int = 1, **_: object) -> None:
@@ -129,9 +130,9 @@ class PreActBasicBlock(nn.Module):
         self.downsample = downsample
         self.residual = residual
 
-    @property
-    def last_norm(self) -> nn.Module | None:
-        return None
+    def zero_init_last(self) -> None:
+        """No BN ends the residual branch here, so zero its last conv (as timm does for pre-activation blocks)."""
+        nn.init.zeros_(self.conv2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.relu(self.bn1(x))
@@ -145,6 +146,7 @@ class PreActBottleneck(nn.Module):
     """Pre-activation bottleneck (BN-ReLU before each of the three convs)."""
 
     expansion = 4
+    norm_before_conv = True
 
     def __init__(self, in_channels: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None,
                  residual: bool = True, norm: NormFactory = nn.BatchNorm2d, dilation: int = 1, groups: int = 1,
@@ -162,9 +164,8 @@ class PreActBottleneck(nn.Module):
         self.downsample = downsample
         self.residual = residual
 
-    @property
-    def last_norm(self) -> nn.Module | None:
-        return None
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.relu(self.bn1(x))
@@ -174,6 +175,28 @@ class PreActBottleneck(nn.Module):
         if self.residual:
             out = out + (x if self.downsample is None else self.downsample(pre))
         return out
+
+
+def _check_combination(block: str, norm: NormFactory, *, residual: bool, shortcut: str | None, stride_in_1x1: bool,
+                       groups: int, width_per_group: int, zero_init_residual: bool, num_classes: int | None) -> None:
+    """Refuse options that would be silently ignored or break the net, with the reason."""
+    if not residual and zero_init_residual:
+        raise ValueError("zero_init_residual on a plain net (no shortcuts) would zero every block's output and "
+                         "gradient; use it only with residual nets")
+    if not residual and shortcut is not None:
+        raise ValueError(f"shortcut={shortcut!r} on a plain net: plain nets have no shortcuts")
+    if block == "basic" and (groups != 1 or width_per_group != 64):
+        raise ValueError(f"groups={groups} / width_per_group={width_per_group} need bottleneck blocks (ResNeXt / wide "
+                         "ResNet); basic-block nets (ResNet-18/34) have no grouped 3x3 conv")
+    if block == "basic" and stride_in_1x1:
+        raise ValueError("stride_in_1x1 applies to bottleneck blocks (ResNet-50 and deeper); basic blocks have no 1x1 conv")
+    if zero_init_residual:
+        probe = norm(64)
+        if not isinstance(getattr(probe, "weight", None), nn.Parameter):
+            raise ValueError(f"zero_init_residual needs a norm with a trainable scale, got {type(probe).__name__}: "
+                             "a frozen or absent scale would keep every residual branch at zero")
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
+        raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
 
 
 BLOCKS = {
@@ -191,16 +214,25 @@ class ResNet(Backbone):
         block: "basic" or "bottleneck".
         layers: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
         residual: False builds the paper's plain net (same layers, no shortcuts).
-        shortcut: "A" zero-padding identity, "B" projection when the shape changes, "C" all projections.
+        shortcut: "A" zero-padding identity, "B" projection when the shape changes (None: "B"), "C" all
+            projections; refused on plain nets, which have no shortcuts.
+        zero_init_residual: start every residual branch at zero (last BN scale, or last conv for
+            pre-activation blocks); refused on plain nets (it would zero every output) and with norms that
+            have no trainable scale (FrozenBN, none).
+        groups, width_per_group: ResNeXt / wide bottlenecks; refused for basic blocks, which have no grouped conv.
         output_stride: 32, 16 or 8; 16 and 8 dilate res5 (and res4) instead of striding (DeepLab).
         preact: pre-activation blocks, with a final BN-ReLU closing res5.
     """
 
     def __init__(self, block: str, layers: tuple[int, int, int, int], *, norm: NormFactory = nn.BatchNorm2d,
-                 residual: bool = True, shortcut: str = "B", stride_in_1x1: bool = False, output_stride: int = 32,
-                 groups: int = 1, width_per_group: int = 64, zero_init_residual: bool = False, preact: bool = False,
-                 num_classes: int | None = None) -> None:
+                 residual: bool = True, shortcut: str | None = None, stride_in_1x1: bool = False,
+                 output_stride: int = 32, groups: int = 1, width_per_group: int = 64, zero_init_residual: bool = False,
+                 preact: bool = False, num_classes: int | None = None) -> None:
         super().__init__()
+        _check_combination(block, norm, residual=residual, shortcut=shortcut, stride_in_1x1=stride_in_1x1,
+                           groups=groups, width_per_group=width_per_group, zero_init_residual=zero_init_residual,
+                           num_classes=num_classes)
+        shortcut = shortcut or "B"
         if shortcut not in SHORTCUTS:
             raise ValueError(f"shortcut={shortcut!r} is not one of {list(SHORTCUTS)}")
         dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
@@ -265,14 +297,13 @@ class ResNet(Backbone):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):  # SyncBatchNorm included
                 nn.init.constant_(module.weight, 1)
                 nn.init.constant_(module.bias, 0)
         if zero_init_residual:
             for module in self.modules():
-                norm = getattr(module, "last_norm", None)
-                if isinstance(norm, (nn.BatchNorm2d, nn.GroupNorm)):
-                    nn.init.constant_(norm.weight, 0)
+                if hasattr(module, "zero_init_last"):
+                    module.zero_init_last()
 
     @property
     def has_classifier(self) -> bool:

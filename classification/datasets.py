@@ -1,7 +1,8 @@
 """Classification datasets: ImageNet-style folders and the Tiny-ImageNet layout, same contract.
 
 Every dataset yields `(image, label_int)` and exposes `.classes` (sorted wnids/names), so the
-train and val splits of one root always agree on label indices.
+train and val splits of one root always agree on label indices. Images are decoded with PIL, which ignores
+EXIF orientation: the same policy as detection and segmentation (engine/images.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder, VisionDataset
+
+from engine.images import DatasetError, inside
+from engine.validation import FileCheck, validate_files
 
 FORMATS = ("imagefolder", "tiny-imagenet")
 
@@ -99,6 +103,7 @@ class TinyImageNetVal(VisionDataset):
             name, wnid = fields[0], fields[1]
             if wnid not in self.class_to_idx:
                 raise ValueError(f"{ann_file}:{lineno}: unknown wnid {wnid!r} (not in the class list)")
+            inside(images, name, f"{ann_file}:{lineno}")
             if not (images / name).is_file():
                 raise FileNotFoundError(f"{ann_file}:{lineno}: image {images / name} not found")
             self.samples.append((str(images / name), self.class_to_idx[wnid]))
@@ -115,3 +120,26 @@ class TinyImageNetVal(VisionDataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, label
+
+
+def validate_dataset(dataset: Dataset, *, split: str = "train", skip_invalid: bool = False,
+                     report_dir: str | Path | None = None, num_workers: int | None = None,
+                     cache_dir: str | Path | None = None) -> Dataset:
+    """Decode every image of an ImageFolder / Tiny-ImageNet split once (engine.validation: parallel, cached
+    outside the data folder); with `skip_invalid`, bad files are dropped from `samples`, counted and listed in
+    `report_dir/invalid_<split>.txt`. A train split with fewer than two classes has nothing to learn."""
+    samples = dataset.samples
+    checks = [FileCheck(Path(path), where=f"class {dataset.classes[label]!r}", opencv=False) for path, label in samples]
+    skipped, _ = validate_files(checks, skip_invalid=skip_invalid, report_dir=report_dir, split=split,
+                                num_workers=num_workers, cache_dir=cache_dir)
+    kept = [sample for index, sample in enumerate(samples) if index not in skipped]
+    present = {label for _, label in kept}
+    if not kept or (split == "train" and len(present) < 2):
+        raise DatasetError(f"{split} split ({getattr(dataset, 'root', '?')}): {len(kept)} usable image(s) in "
+                           f"{len(present)} class(es): nothing to learn from; a classifier needs images of at least "
+                           "two classes")
+    dataset.samples = kept
+    dataset.targets = [label for _, label in kept]
+    if hasattr(dataset, "imgs"):
+        dataset.imgs = kept
+    return dataset

@@ -1,7 +1,8 @@
 """COCO and PASCAL VOC annotations as one in-memory record type, validated when loaded.
 
-Loading checks everything that can be checked without decoding images (files exist, boxes inside the image,
-known classes), so a bad annotation fails at start-up naming its file and object, not mid-epoch as a NaN loss.
+Loading checks everything that can be checked without decoding images (types of ids and boxes, files exist
+inside the image folder, boxes inside the image, known classes), so a bad annotation fails at start-up naming
+its file and object, not mid-epoch as a NaN loss; `validate_records` then decodes every image once.
 Boxes are float32 xyxy pixels with x2/y2 exclusive (COCO's x + w); labels are contiguous 1..K, 0 = background.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.images import DatasetError, read_image  # noqa: F401 (re-exported: part of this module's API)
+from engine.images import DatasetError, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
+from engine.validation import FileCheck, validate_files
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,14 @@ def _record(path: Path, width: int, height: int, boxes: list, labels: list, igno
                        image_id=int(image_id))
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _read_coco_json(annotations_json: Path) -> dict:
     try:
         with open(annotations_json) as f:
@@ -97,7 +107,16 @@ def _read_coco_json(annotations_json: Path) -> dict:
 def _coco_image(images_dir: Path, img: dict, anns: list[dict], label_of: dict[int, int], annotations_json: Path,
                 problem: _Problems) -> ImageRecord | None:
     """One COCO image's record, or None when its file is missing (and skip_invalid is on)."""
-    image_id, path = int(img["id"]), images_dir / str(img.get("file_name", ""))
+    image_id, name = img["id"], img.get("file_name")
+    if not isinstance(name, str) or not name:
+        problem(f"{annotations_json}: image id {image_id}: 'file_name' {name!r} is not a file name")
+        return None
+    path = inside(images_dir, name, f"{annotations_json}: image id {image_id}")
+    if any(key in img and img[key] is not None and not (_is_int(img[key]) and img[key] > 0)
+           for key in ("width", "height")):
+        problem(f"{annotations_json}: image id {image_id} ({name}): width {img.get('width')!r} / height "
+                f"{img.get('height')!r} must be positive integers (or absent: then read from the file)")
+        return None
     if not path.is_file():
         problem(f"{annotations_json}: image id {image_id}: file {path} does not exist")
         return None
@@ -105,13 +124,17 @@ def _coco_image(images_dir: Path, img: dict, anns: list[dict], label_of: dict[in
     boxes, labels, ignore = [], [], []
     for ann in anns:
         where = f"{annotations_json}: annotation id {ann.get('id')} (image {path.name})"
-        if ann.get("category_id") not in label_of:
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in label_of:
             problem(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
             continue
-        try:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError):
-            x = y = w = h = np.nan
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            problem(f"{where}: bbox {bbox!r} must be a list of 4 numbers [x, y, width, height]")
+            continue
+        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), float):
+            problem(f"{where}: iscrowd {ann.get('iscrowd')!r} must be 0 or 1")
+            continue
+        x, y, w, h = bbox
         box, why = _checked_box([x, y, x + w, y + h], width, height)
         if box is None:
             problem(f"{where}: bbox {ann.get('bbox')} (xywh) {why}")
@@ -128,18 +151,27 @@ def load_coco_records(images_dir: str | Path, annotations_json: str | Path, *,
     Images without annotations are kept: they are valid negatives."""
     images_dir, annotations_json = Path(images_dir), Path(annotations_json)
     data = _read_coco_json(annotations_json)
-    try:
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        cat_ids = [int(c["id"]) for c in categories]
-        class_names = [str(c["name"]) for c in categories]
-        images = {int(img["id"]): img for img in data["images"]}
-    except (KeyError, TypeError) as e:
-        raise DatasetError(f"{annotations_json}: malformed 'categories' or 'images' entry ({e!r})") from e
+    for kind in ("categories", "images"):
+        for entry in data[kind]:
+            if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+                raise DatasetError(f"{annotations_json}: {kind} entry {str(entry)[:80]}: 'id' must be an integer")
+        ids = [entry["id"] for entry in data[kind]]
+        if len(set(ids)) != len(ids):
+            duplicate = next(i for i in ids if ids.count(i) > 1)
+            raise DatasetError(f"{annotations_json}: {kind} id {duplicate} appears more than once; ids must be unique")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    cat_ids = [c["id"] for c in categories]
+    class_names = [str(c.get("name", c["id"])) for c in categories]
+    images = {img["id"]: img for img in data["images"]}
+    if not isinstance(data.get("annotations", []), list):
+        raise DatasetError(f"{annotations_json}: 'annotations' must be a list")
     label_of = {cat_id: k for k, cat_id in enumerate(cat_ids, start=1)}
     problem = _Problems(annotations_json, skip_invalid)
     anns_of: dict[int, list[dict]] = defaultdict(list)
     for ann in data.get("annotations", []):
-        if ann.get("image_id") in images:
+        if not isinstance(ann, dict):
+            problem(f"{annotations_json}: annotation {str(ann)[:80]} is not a mapping")
+        elif _is_int(ann.get("image_id")) and ann["image_id"] in images:
             anns_of[ann["image_id"]].append(ann)
         else:
             problem(f"{annotations_json}: annotation id {ann.get('id')} refers to unknown image_id "
@@ -153,7 +185,8 @@ def load_coco_records(images_dir: str | Path, annotations_json: str | Path, *,
 def _voc_image(root: Path, name: str, image_id: int, class_names: Sequence[str],
                problem: _Problems) -> ImageRecord | None:
     """One VOC image's record, or None when the image itself is unusable (and skip_invalid is on)."""
-    xml_path, path = root / "Annotations" / f"{name}.xml", root / "JPEGImages" / f"{name}.jpg"
+    xml_path = inside(root / "Annotations", f"{name}.xml", f"{root}: split list entry {name!r}")
+    path = root / "JPEGImages" / f"{name}.jpg"
     if not path.is_file():
         problem(f"{xml_path}: image file {path} does not exist")
         return None
@@ -210,6 +243,28 @@ def load_voc_records(root: str | Path, split: str, *, class_names: Sequence[str]
     return [r for r in records if r is not None]
 
 
+def validate_records(records: Sequence[ImageRecord], *, split: str = "train", skip_invalid: bool = False,
+                     report_dir: str | Path | None = None, num_workers: int | None = None,
+                     cache_dir: str | Path | None = None) -> list[ImageRecord]:
+    """Decode every image once (engine.validation: parallel, cached outside the data folder) and check it
+    against its annotated size; returns the usable records. A split with no object to learn from (no
+    annotations, or crowd / difficult ones only) is refused. With `skip_invalid` bad images are skipped,
+    counted and listed in `report_dir/invalid_<split>.txt`; without it the first one raises DatasetError."""
+    checks = [FileCheck(Path(r.path), where=f"the annotation of image id {r.image_id}", size=(r.width, r.height))
+              for r in records]
+    skipped, _ = validate_files(checks, skip_invalid=skip_invalid, report_dir=report_dir, split=split,
+                                num_workers=num_workers, cache_dir=cache_dir)
+    kept = [r for index, r in enumerate(records) if index not in skipped]
+    objects = sum(len(r.labels) for r in kept)
+    usable = sum(int((~r.ignore).sum()) for r in kept)
+    if usable == 0:
+        folder = Path(records[0].path).parent if records else "(no images)"
+        raise DatasetError(f"{split} split ({folder}): {len(kept)} usable image(s) with {objects} object(s), none "
+                           "usable as a training target (crowd / difficult only, or no annotations): nothing to "
+                           "learn from; check the annotation file or split list")
+    return kept
+
+
 class DetectionDataset(Dataset):
     """(image [3, H, W] float32 RGB in [0, 1], target) pairs. Targets hold only non-ignored boxes: crowd /
     difficult objects are not training targets; evaluators read them from the records."""
@@ -225,8 +280,8 @@ class DetectionDataset(Dataset):
         record = self.records[index]
         image = read_image(record.path)
         if image.shape[:2] != (record.height, record.width):
-            raise DatasetError(f"{record.path}: image is {image.shape[1]}x{image.shape[0]} but its annotation says "
-                               f"{record.width}x{record.height} (image id {record.image_id})")
+            raise DatasetError(size_mismatch(record.path, (image.shape[1], image.shape[0]), (record.width, record.height),
+                                             f"the annotation of image id {record.image_id}"))
         keep = ~record.ignore
         boxes, labels = record.boxes[keep], record.labels[keep]
         if self.transform is not None:

@@ -2,7 +2,9 @@
 
 Merge order is default <- config file (after its ``_base_`` chain) <- ``key=value`` overrides.
 Every layer is checked against the default before merging, so a typo fails loudly with a
-suggestion instead of silently training with the default value.
+suggestion instead of silently training with the default value; the merged values are then checked
+against the rules in ``default.spec.yaml`` beside the default (engine/config_spec.py): types, null,
+ranges and choices, before any data is read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .config_spec import check_value, inferred_rule, load_spec
 
 BASE_KEY = "_base_"
 COMMAND_LINE = "command line"
@@ -40,13 +44,15 @@ def load_config(
     layers = _file_layers(Path(config_path)) if config_path is not None else []
     layers += [(COMMAND_LINE, _parse_override(item)) for item in overrides]
     valid_keys = _key_paths(schema)
+    spec = load_spec(default_yaml)
     for source, layer in layers:
-        _check_layer(layer, schema, source, valid_keys)
+        _check_layer(layer, schema, source, valid_keys, spec)
     cfg = OmegaConf.merge(default, *(layer for _, layer in layers))
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"Cannot resolve config key '{err.full_key}': {err.msg}") from err
+    _check_values(cfg, schema, spec)
     OmegaConf.set_struct(cfg, True)
     _open_free_form(cfg, schema)
     return cfg
@@ -106,17 +112,22 @@ def _parse_override(item: str) -> dict:
 
 
 def _check_layer(
-    layer: dict, schema: dict, source: str, valid_keys: list[str], prefix: str = ""
+    layer: dict, schema: dict, source: str, valid_keys: list[str], spec: dict[str, dict], prefix: str = ""
 ) -> None:
-    """Every key must exist in the schema (unless under a free-form ``{}``) with a matching kind."""
+    """Every key must exist in the schema (unless under a free-form ``{}``) with a matching kind; keys with
+    a spec rule are checked after the merge instead (a lone scalar for a ``scalar_ok`` list becomes a list)."""
     for key, value in layer.items():
         path = f"{prefix}{key}"
         if key not in schema:
             raise ConfigError(_unknown_key_message(path, source, valid_keys))
         expected = schema[key]
-        _check_kind(path, expected, value, source)
+        rule = spec.get(path)
+        if rule is None:
+            _check_kind(path, expected, value, source)
+        elif rule.get("scalar_ok") and value is not None and not isinstance(value, (list, dict)):
+            layer[key] = [value]
         if isinstance(expected, dict) and expected and isinstance(value, dict):
-            _check_layer(value, expected, source, valid_keys, prefix=f"{path}.")
+            _check_layer(value, expected, source, valid_keys, spec, prefix=f"{path}.")
 
 
 def _unknown_key_message(path: str, source: str, valid_keys: list[str]) -> str:
@@ -150,6 +161,23 @@ def _check_kind(path: str, expected: Any, value: Any, source: str) -> None:
     want, got = _kind(expected), _kind(value)
     if want != got and not (want == "scalar" and got in ("bool", "number")):
         raise ConfigError(f"Config key '{path}' from {source} expects a {want}, got {value!r}")
+
+
+def _check_values(cfg: DictConfig, schema: dict, spec: dict[str, dict], prefix: str = "") -> None:
+    """Check every key of the default (free-form ``{}`` sections as a whole) against its spec rule, or the
+    default's own type; lone scalars become one-item lists where the rule says ``scalar_ok``."""
+    for key, default in schema.items():
+        path = f"{prefix}{key}"
+        value = OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        if isinstance(default, dict) and default and isinstance(value, dict) and path not in spec:
+            _check_values(cfg[key], default, spec, prefix=f"{path}.")
+            continue
+        try:
+            checked = check_value(path, value, spec.get(path) or inferred_rule(default, nullable=not spec))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if checked is not value:
+            cfg[key] = checked
 
 
 def _key_paths(schema: dict, prefix: str = "") -> list[str]:

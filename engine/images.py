@@ -1,10 +1,21 @@
-"""Image decoding shared by the detection and segmentation datasets, and the error bad data raises."""
+"""Image decoding shared by the detection and segmentation datasets, and the error bad data raises.
+
+EXIF policy (one for images, masks and annotation sizes): pixels are used as stored, the EXIF
+orientation tag is ignored. COCO and VOC annotations are made in stored-pixel coordinates (their
+tools, and PIL, which reads our masks and classification images, ignore the tag too); OpenCV would
+rotate JPEGs by default and misalign them with their boxes and masks, so `read_image` tells it not to.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+EXIF_HINT = ("an EXIF orientation tag is the likely cause: ResDet reads pixels as stored and ignores the tag, as the "
+             "COCO/VOC tools do; re-save the image with the rotation applied and the tag removed "
+             "(PIL.ImageOps.exif_transpose, exiftran -ai) and fix its annotation, or correct the annotation")
 
 
 class DatasetError(ValueError):
@@ -12,8 +23,28 @@ class DatasetError(ValueError):
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """HxWx3 uint8 RGB (grayscale files are expanded to 3 channels), decoded with OpenCV."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """HxWx3 uint8 RGB (grayscale files are expanded to 3 channels), decoded with OpenCV, EXIF orientation
+    ignored (see the module docstring)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DatasetError(f"{path}: cannot read image (missing, truncated or not an image)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def size_mismatch(path: str | Path, actual: tuple[int, int], expected: tuple[int, int], where: str) -> str:
+    """The message for an image whose (width, height) is not what its annotation says."""
+    message = (f"{path}: image is {actual[0]}x{actual[1]} (WxH) but {where} says {expected[0]}x{expected[1]}")
+    if tuple(actual) == tuple(expected)[::-1]:
+        return f"{message}; width and height are swapped: {EXIF_HINT}"
+    return f"{message}; fix the annotation's size (or the image), or set data.skip_invalid=true to skip it"
+
+
+def inside(folder: str | Path, name: str, where: str) -> Path:
+    """``folder / name``, refused when ``name`` is absolute or climbs out of ``folder`` (``../../etc/hostname``):
+    annotation files must not make us read files elsewhere."""
+    # lexical, not resolve(): a dataset may legitimately hold symlinks to files stored elsewhere
+    normal = os.path.normpath(name)
+    if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
+        raise DatasetError(f"{where}: file name {name!r} points outside the image folder {folder}; "
+                           "annotation file names must be relative paths inside it")
+    return Path(folder) / name

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from tqdm import tqdm
 
-from engine.images import DatasetError, read_image  # noqa: F401 (re-exported: part of this module's API)
+from engine.images import DatasetError, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
+from engine.validation import FileCheck, validate_files
 from segmentation.palette import VOC_CLASSES, VOID
 
 IMAGE_SUFFIXES = (".jpg", ".png")
@@ -38,7 +38,8 @@ COCO_TO_VOC: dict[int, int] = {
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a label PNG as class indices uint8 [H, W].
 
-    PIL, not cv2: cv2 would turn a palette PNG into its colours instead of its indices.
+    PIL, not cv2: cv2 would turn a palette PNG into its colours instead of its indices. PIL ignores
+    EXIF orientation, as `read_image` does for images (engine/images.py: one policy for both).
     """
     try:
         with Image.open(path) as image:
@@ -85,10 +86,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image_path, source = self.samples[index]
         image, mask = read_image(image_path), _load_mask(source)
         if image.shape[:2] != mask.shape:
-            raise DatasetError(
-                f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) "
-                f"but mask {source} is {mask.shape[1]}x{mask.shape[0]}"
-            )
+            raise DatasetError(size_mismatch(image_path, (image.shape[1], image.shape[0]),
+                                             (mask.shape[1], mask.shape[0]), f"mask {source}"))
         bad = mask[(mask >= self.num_classes) & (mask != VOID)]
         if bad.size:
             raise DatasetError(
@@ -106,10 +105,44 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image_t = image_t.float() / 255 if image_t.dtype == torch.uint8 else image_t.float()
         return image_t, torch.from_numpy(np.ascontiguousarray(mask)).long()
 
-    def validate(self) -> None:
-        """Decode and check every sample now, instead of failing mid-epoch."""
-        for index in tqdm(range(len(self)), desc="validating masks", unit="img"):
-            self.load_sample(index)
+    def validate(self, *, split: str = "train", skip_invalid: bool = False, report_dir: str | Path | None = None,
+                 num_workers: int | None = None, cache_dir: str | Path | None = None) -> None:
+        """Decode and check every image and mask now (engine.validation: parallel, cached outside the data
+        folder), instead of failing mid-epoch. With `skip_invalid`, bad pairs are dropped from `samples`,
+        counted and listed in `report_dir/invalid_<split>.txt`. A split without any foreground pixel (or
+        COCO object) is refused: there is nothing to learn from."""
+        checks = []
+        for image_path, source in self.samples:
+            if isinstance(source, Path):
+                checks += [FileCheck(source, where=f"the mask of {image_path.name}", label=True,
+                                     num_classes=self.num_classes, void=VOID),
+                           FileCheck(image_path, where=f"mask {source}", same_size_as=source)]
+            else:
+                info = source.coco.imgs[source.image_id]
+                checks += [FileCheck(image_path, where=str(source), size=(info["width"], info["height"]))]
+        skipped, info = validate_files(checks, skip_invalid=skip_invalid, report_dir=report_dir, split=split,
+                                       num_workers=num_workers, cache_dir=cache_dir)
+        kept, foreground, index = [], False, 0
+        for image_path, source in self.samples:
+            width = 2 if isinstance(source, Path) else 1
+            if not skipped.intersection(range(index, index + width)):
+                kept.append((image_path, source))
+                foreground = foreground or _has_foreground(source, info.get(index))
+            index += width
+        if not foreground:
+            folder = self.samples[0][0].parent if self.samples else "(no images)"
+            raise DatasetError(f"{split} split ({folder}): {len(kept)} usable image(s) but no foreground class "
+                               "in any mask (all background / void, or crowd only): nothing to learn from; check "
+                               "the masks, the annotation file or data.class_mapping")
+        self.samples = kept
+
+
+def _has_foreground(source: MaskSource, info: dict | None) -> bool:
+    """Whether a mask holds some class other than background (0) and void."""
+    if isinstance(source, Path):
+        return any(0 < v < VOID for v in (info or {}).get("values", []))
+    return any(not a["iscrowd"] and source.class_mapping.get(a["category_id"], 0) > 0
+               for a in source.coco.imgToAnns[source.image_id])
 
 
 def _find_image(images_dir: Path, stem: str) -> Path:
@@ -130,7 +163,7 @@ def load_voc_segmentation(root: str | Path, split: str) -> list[Sample]:
         raise DatasetError(f"missing split file {split_file}; available split files: {available}")
     samples: list[Sample] = []
     for stem in split_file.read_text().split():
-        mask_path = root / "SegmentationClass" / f"{stem}.png"
+        mask_path = inside(root / "SegmentationClass", f"{stem}.png", f"{split_file}: entry {stem!r}")
         if not mask_path.is_file():
             raise DatasetError(f"missing label file {mask_path} (listed in {split_file})")
         samples.append((_find_image(root / "JPEGImages", stem), mask_path))
@@ -209,7 +242,8 @@ class CocoSemantic(SegmentationDataset):
             ]
         samples: list[Sample] = []
         for image_id in sorted(coco.imgs):
-            image_path = images_dir / coco.imgs[image_id]["file_name"]
+            image_path = inside(images_dir, str(coco.imgs[image_id]["file_name"]),
+                                f"{annotations_json}: image id {image_id}")
             if not image_path.is_file():
                 raise DatasetError(f"missing image {image_path} (listed in {annotations_json})")
             samples.append((image_path, CocoMaskSource(coco, image_id, dict(class_mapping), annotations_json)))

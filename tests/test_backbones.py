@@ -181,7 +181,7 @@ def test_saved_backbone_round_trips_with_preprocessing(tmp_path):
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         torch.testing.assert_close(loaded(x)["res4"], source.eval()(x)["res4"])
-    with pytest.warns(UserWarning, match="stride_in_1x1"):
+    with pytest.raises(ValueError, match="stride_in_1x1 applies to bottleneck blocks"):  # basic blocks: refused
         build_backbone("resnet18", weights=path, stride_in_1x1=True)
 
 

@@ -180,7 +180,7 @@ def test_dataset_item_drops_ignored_boxes(tmp_path):
     images, targets = collate([dataset[0], dataset[1]])
     assert len(images) == len(targets) == 2 and targets[1]["boxes"].shape == (0, 4)
     records[0].width = 21
-    with pytest.raises(DatasetError, match="a.png: image is 20x16 but its annotation says 21x16"):
+    with pytest.raises(DatasetError, match=r"a.png: image is 20x16 \(WxH\) but the annotation of image id 5 says 21x16"):
         dataset[0]
 
 

@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
+    if not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    out = args.out or args.checkpoint.with_name("test_metrics.json")
+    if out.is_dir() or not out.parent.is_dir():  # checked now, not after the whole evaluation
+        parser.error(f"--out {out}: {'is a folder' if out.is_dir() else f'folder {out.parent} does not exist'}; "
+                     "give a file path in an existing folder")
     rank, world_size, device = init_distributed(cfg.device)
 
     if is_main_process():
@@ -57,7 +63,6 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = evaluate(model, loader, evaluator, device, amp_dtype=amp_dtype(cfg.train.amp, device))
 
     if is_main_process():
-        out = args.out or args.checkpoint.with_name("test_metrics.json")
         out.write_text(json.dumps(metrics, indent=2) + "\n")
         if "AP_per_class" in metrics:
             print(format_per_class_table(metrics["AP_per_class"]))

@@ -36,12 +36,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--checkpoint", type=Path, help="model to draw predictions of (omit with --gt)")
     parser.add_argument("--gt", action="store_true", help="draw the ground truth instead of predictions")
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
-    parser.add_argument("--num", type=int, default=8, help="number of validation images")
+    parser.add_argument("--num", type=int, default=8, help="number of validation images (>= 1)")
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     if not args.gt and args.checkpoint is None:
         parser.error("give --checkpoint (predictions) or --gt (ground truth)")
+    if args.num < 1:
+        parser.error(f"--num must be at least 1, got {args.num}")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
     cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
 
     prepare_synthetic(cfg.data)  # the built-in demo data, if the config uses it (no-op once written)

@@ -1,0 +1,418 @@
+"""Bad input never costs a run, a dataset or a checkpoint (issue 10): one table of bad inputs across the
+Python API and the tools, each ending in an early error of the right type whose message names the culprit,
+with the data folder byte-for-byte unchanged; then the inputs that must end in a counted skip or the right
+result instead. Everything is tiny and in-process (one subprocess row checks a real exit code)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import backbone_info  # noqa: E402
+import test_det  # noqa: E402
+import transfer  # noqa: E402
+import visualize_det  # noqa: E402
+
+from backbones import build_backbone, fold_batchnorm  # noqa: E402
+from backbones.resnet import ResNet  # noqa: E402
+from classification.datasets import build_cls_dataset, validate_dataset  # noqa: E402
+from detection.datasets import DatasetError, load_coco_records, load_voc_records, validate_records  # noqa: E402
+from engine.config import ConfigError, load_config  # noqa: E402
+from engine.images import read_image  # noqa: E402
+from segmentation.datasets import VOCSegmentation  # noqa: E402
+
+CONFIGS = {tool: ROOT / "configs" / tool / "default.yaml" for tool in ("det", "seg", "cls", "transfer")}
+
+
+# ------------------------------------------------------------------ tiny datasets written into tmp/data
+
+def png_bytes(width: int = 32, height: int = 24) -> bytes:
+    return cv2.imencode(".png", np.full((height, width, 3), 120, np.uint8))[1].tobytes()
+
+
+def jpeg_bytes(width: int = 32, height: int = 24) -> bytes:
+    noise = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", noise)[1].tobytes()
+
+
+def exif_rotated_jpeg(path: Path, width: int = 32, height: int = 24) -> None:
+    """Stored width x height, with EXIF orientation 6 (viewers show it rotated: height x width)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (width, height), (200, 10, 10)).save(path, exif=exif)
+
+
+def gif_bytes(tmp: Path) -> bytes:
+    Image.new("P", (32, 24)).save(tmp / "x.gif")
+    return (tmp / "x.gif").read_bytes()
+
+
+BAD_IMAGES: dict[str, Callable[[Path], bytes]] = {
+    "truncated_jpeg": lambda tmp: jpeg_bytes()[: len(jpeg_bytes()) // 2],
+    "truncated_header": lambda tmp: jpeg_bytes()[:12],
+    "zero_bytes": lambda tmp: b"",
+    "not_an_image": lambda tmp: b"hello, I am text\n",
+    "size_mismatch": lambda tmp: png_bytes(40, 30),
+    "gif": gif_bytes,
+}
+
+
+def coco_set(tmp: Path, files: dict[str, bytes] | None = None, images: list[dict] | None = None,
+             annotations: list[dict] | None = None, raw_json: str | None = None) -> tuple[Path, Path]:
+    """tmp/data/images/<name> + tmp/data/ann.json; by default two 32x24 images with one box each."""
+    folder = tmp / "data" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"a.jpg": jpeg_bytes(), "b.png": png_bytes()} if files is None else files
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    if images is None:
+        images = [{"id": i, "file_name": name, "width": 32, "height": 24} for i, name in enumerate(files, 1)]
+    if annotations is None:
+        annotations = [{"id": 10 + img["id"], "image_id": img["id"], "category_id": 1, "bbox": [2, 2, 10, 8],
+                        "iscrowd": 0, "area": 80} for img in images]
+    ann = tmp / "data" / "ann.json"
+    ann.write_text(raw_json if raw_json is not None else json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}))
+    return folder, ann
+
+
+def det_action(tmp: Path, **kwargs) -> Callable[[], object]:
+    folder, ann = coco_set(tmp, **kwargs)
+
+    def run():
+        records, _, _ = load_coco_records(folder, ann)
+        return validate_records(records, split="train", cache_dir=tmp / "cache", report_dir=tmp / "out")
+    return run
+
+
+def one_bad_image(kind: str) -> Callable[[Path], Callable[[], object]]:
+    return lambda tmp: det_action(tmp, files={"a.jpg": BAD_IMAGES[kind](tmp)})
+
+
+def voc_seg_set(tmp: Path, mask: np.ndarray | None = None, mode: str = "P", image_size=(32, 24)) -> Path:
+    root = tmp / "data" / "VOC"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "JPEGImages" / "a.jpg").write_bytes(jpeg_bytes(*image_size))
+    mask = np.pad(np.ones((8, 8), np.uint8), ((8, 8), (12, 12))) if mask is None else mask
+    Image.fromarray(mask).convert(mode).save(root / "SegmentationClass" / "a.png")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    return root
+
+
+def seg_action(tmp: Path, **kwargs) -> Callable[[], object]:
+    root = voc_seg_set(tmp, **kwargs)
+    return lambda: VOCSegmentation(root, "train", num_classes=4).validate(cache_dir=tmp / "cache")
+
+
+def image_folder(tmp: Path, classes: dict[str, dict[str, bytes]]) -> Path:
+    for cls, files in classes.items():
+        (tmp / "data" / "train" / cls).mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (tmp / "data" / "train" / cls / name).write_bytes(data)
+    return tmp / "data"
+
+
+def cls_action(tmp: Path, classes: dict[str, dict[str, bytes]]) -> Callable[[], object]:
+    root = image_folder(tmp, classes)
+    return lambda: validate_dataset(build_cls_dataset("imagefolder", root, "train", None), cache_dir=tmp / "cache")
+
+
+def tiny_imagenet_escape(tmp: Path) -> Callable[[], object]:
+    root = image_folder(tmp, {"n01": {"x.png": png_bytes()}, "n02": {"y.png": png_bytes()}})
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "val" / "val_annotations.txt").write_text("../../../etc/hostname\tn01\t0\t0\t1\t1\n")
+    return lambda: build_cls_dataset("tiny-imagenet", root, "val", None)
+
+
+def voc_det_escape(tmp: Path) -> Callable[[], object]:
+    root = tmp / "data" / "VOC"
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("../../../../etc/hostname\n")
+    return lambda: load_voc_records(root, "trainval")
+
+
+# ------------------------------------------------------------------ weights files
+
+def weights_file(tmp: Path, content: bytes | dict) -> Path:
+    path = tmp / "weights.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    return path
+
+
+def load_weights(content: bytes | dict, name: str = "resnet18") -> Callable[[Path], Callable[[], object]]:
+    return lambda tmp: (lambda: build_backbone(name, weights=weights_file(tmp, content)))
+
+
+# ------------------------------------------------------------------ the table
+
+def config(tool: str, *overrides: str) -> Callable[[Path], Callable[[], object]]:
+    return lambda tmp: (lambda: load_config(CONFIGS[tool], None, list(overrides)))
+
+
+def call(fn: Callable[[], object]) -> Callable[[Path], Callable[[], object]]:
+    return lambda tmp: fn
+
+
+def cli(main: Callable, *argv: str) -> Callable[[Path], Callable[[], object]]:
+    """A tool's main(argv) in-process; `{tmp}` in an argument is the test's folder."""
+    return lambda tmp: (lambda: main([a.format(tmp=tmp) for a in argv]))
+
+
+def existing_checkpoint(tmp: Path) -> Path:
+    (tmp / "ckpt.pth").write_bytes(b"")
+    return tmp / "ckpt.pth"
+
+
+BAD_INPUTS = [
+    # --- detection data (COCO json, VOC lists): decoded and checked before the first iteration
+    ("det_truncated_jpeg", one_bad_image("truncated_jpeg"), DatasetError, r"a\.jpg.*cannot decode.*truncated"),
+    ("det_truncated_header", one_bad_image("truncated_header"), DatasetError, r"a\.jpg.*cannot decode"),
+    ("det_zero_byte", one_bad_image("zero_bytes"), DatasetError, r"a\.jpg.*empty \(0 bytes\)"),
+    ("det_not_an_image", one_bad_image("not_an_image"), DatasetError, r"a\.jpg.*cannot decode"),
+    ("det_size_mismatch", one_bad_image("size_mismatch"), DatasetError, r"a\.jpg: image is 40x30.*says 32x24"),
+    ("det_gif_opencv_cannot_read", one_bad_image("gif"), DatasetError, r"a\.jpg.*GIF.*OpenCV"),
+    ("det_exif_rotated", lambda tmp: (exif_rotated_jpeg(tmp / "r.jpg"), det_action(
+        tmp, files={"a.jpg": (tmp / "r.jpg").read_bytes()},
+        images=[{"id": 1, "file_name": "a.jpg", "width": 24, "height": 32}]))[1], DatasetError, r"a\.jpg.*EXIF"),
+    ("det_file_name_escapes", lambda tmp: det_action(tmp, images=[{"id": 1, "file_name": "../../../etc/hostname"}]),
+     DatasetError, r"'\.\./\.\./\.\./etc/hostname'.*outside the image folder"),
+    ("det_file_name_absolute", lambda tmp: det_action(tmp, images=[{"id": 1, "file_name": "/etc/hostname"}]),
+     DatasetError, r"/etc/hostname.*outside"),
+    ("det_image_id_string", lambda tmp: det_action(tmp, images=[{"id": "1", "file_name": "a.jpg"}], annotations=[]),
+     DatasetError, r"ann\.json: images entry .*'id' must be an integer"),
+    ("det_image_id_duplicate", lambda tmp: det_action(tmp, images=[{"id": 1, "file_name": "a.jpg"},
+                                                                   {"id": 1, "file_name": "b.png"}]),
+     DatasetError, r"ann\.json: images id 1 appears more than once"),
+    ("det_bbox_strings", lambda tmp: det_action(tmp, annotations=[
+        {"id": 5, "image_id": 1, "category_id": 1, "bbox": ["1", "2", "3", "4"]}]),
+     DatasetError, r"annotation id 5 .*bbox \['1'.*4 numbers"),
+    ("det_bbox_negative", lambda tmp: det_action(tmp, annotations=[
+        {"id": 6, "image_id": 1, "category_id": 1, "bbox": [5, 5, -3, 4]}]), DatasetError, r"annotation id 6.*area"),
+    ("det_category_unknown", lambda tmp: det_action(tmp, annotations=[
+        {"id": 7, "image_id": 1, "category_id": 99, "bbox": [1, 1, 4, 4]}]), DatasetError, r"annotation id 7.*99"),
+    ("det_category_bool", lambda tmp: det_action(tmp, annotations=[
+        {"id": 8, "image_id": 1, "category_id": True, "bbox": [1, 1, 4, 4]}]), DatasetError, r"annotation id 8.*True"),
+    ("det_no_annotations", lambda tmp: det_action(tmp, annotations=[]), DatasetError, r"train split.*nothing to learn"),
+    ("det_crowd_only", lambda tmp: det_action(tmp, annotations=[
+        {"id": 9, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 1}]),
+     DatasetError, r"1 object.*crowd.*nothing to learn"),
+    ("det_json_is_a_list", lambda tmp: det_action(tmp, raw_json="[]"), DatasetError, r"ann\.json: not COCO"),
+    ("det_json_broken", lambda tmp: det_action(tmp, raw_json="{\"images\": ["), DatasetError, r"ann\.json: cannot read"),
+    ("det_image_missing", lambda tmp: det_action(tmp, images=[{"id": 1, "file_name": "gone.jpg"}]),
+     DatasetError, r"gone\.jpg does not exist"),
+    ("det_voc_split_escapes", voc_det_escape, DatasetError, r"etc/hostname.*outside"),
+    # --- segmentation masks
+    ("seg_label_out_of_range", lambda tmp: seg_action(tmp, mask=np.full((24, 32), 7, np.uint8)),
+     DatasetError, r"a\.png.*label values \[7\]"),
+    ("seg_mask_size_mismatch", lambda tmp: seg_action(tmp, mask=np.ones((20, 30), np.uint8)),
+     DatasetError, r"a\.jpg: image is 32x24.*a\.png says 30x20"),
+    ("seg_mask_rgb", lambda tmp: seg_action(tmp, mode="RGB"), DatasetError, r"a\.png.*mode 'RGB'"),
+    ("seg_background_only", lambda tmp: seg_action(tmp, mask=np.zeros((24, 32), np.uint8)),
+     DatasetError, r"no foreground.*nothing to learn"),
+    # --- classification folders
+    ("cls_truncated_png", lambda tmp: cls_action(tmp, {"cat": {"x.png": png_bytes()[:40]}, "dog": {"y.png": png_bytes()}}),
+     DatasetError, r"cat/x\.png.*cannot decode"),
+    ("cls_one_class", lambda tmp: cls_action(tmp, {"cat": {"x.png": png_bytes()}}), DatasetError, r"1 class.*nothing"),
+    ("cls_tiny_imagenet_escape", tiny_imagenet_escape, DatasetError, r"val_annotations\.txt:1.*outside"),
+    # --- configs, through load_config with each tool's default YAML
+    ("cfg_det_null", config("det", "train.lr=null"), ConfigError, r"'train\.lr' = None.*must not be null"),
+    ("cfg_det_float_for_int", config("det", "train.batch_size=8.5"), ConfigError, r"'train\.batch_size' = 8\.5.*integer"),
+    ("cfg_det_batch_zero", config("det", "train.batch_size=0"), ConfigError, r"'train\.batch_size' = 0.*>= 1"),
+    ("cfg_det_metric_typo", config("det", "eval.metric=coco2"), ConfigError, r"'eval\.metric' = 'coco2'.*voc07"),
+    ("cfg_det_backend_typo", config("det", "eval.backend=cocoapi"), ConfigError, r"'eval\.backend'.*pycocotools"),
+    ("cfg_det_norm_typo", config("det", "model.backbone.norm=BatchNorm"), ConfigError, r"'model\.backbone\.norm'"),
+    ("cfg_det_device", config("det", "device=gpu"), ConfigError, r"'device' = 'gpu'"),
+    ("cfg_det_amp", config("det", "train.amp=fp8"), ConfigError, r"'train\.amp' = 'fp8'.*bf16"),
+    ("cfg_det_min_size_zero", config("det", "data.min_size=0"), ConfigError, r"'data\.min_size'.*>= 1"),
+    ("cfg_det_unknown_key", config("det", "train.lrr=0.1"), ConfigError, r"'train\.lrr'.*did you mean 'train\.lr'"),
+    ("cfg_seg_batch_one", config("seg", "train.batch_size=1"), ConfigError, r"'train\.batch_size' = 1.*BatchNorm"),
+    ("cfg_seg_head", config("seg", "model.head=deeplab"), ConfigError, r"'model\.head' = 'deeplab'"),
+    ("cfg_seg_output_stride", config("seg", "model.output_stride=32"), ConfigError, r"'model\.output_stride' = 32"),
+    ("cfg_cls_policy", config("cls", "train.lr_policy=linear"), ConfigError, r"'train\.lr_policy' = 'linear'.*poly"),
+    ("cfg_cls_format", config("cls", "data.format=imagenet"), ConfigError, r"'data\.format' = 'imagenet'"),
+    ("cfg_cls_string_lr", config("cls", "train.lr='0.1'"), ConfigError, r"'train\.lr' = '0\.1'.*number"),
+    ("cfg_transfer_no_backbones", config("transfer", "backbones=[]"), ConfigError, r"'backbones' = \[\].*at least 1"),
+    ("cfg_transfer_no_seeds", config("transfer", "seeds=[]"), ConfigError, r"'seeds' = \[\].*at least 1"),
+    # --- backbone weights
+    ("weights_random_bytes", load_weights(bytes(range(256)) * 8), ValueError, r"weights\.pth.*not a"),
+    ("weights_empty_file", load_weights(b""), ValueError, r"weights\.pth.*not a PyTorch checkpoint"),
+    ("weights_text_file", load_weights(b"resnet50 weights, honest\n"), ValueError, r"weights\.pth.*not a"),
+    ("weights_unrelated", load_weights({"encoder.w": torch.zeros(3, 3)}), ValueError,
+     r"weights\.pth: only 0 of the backbone's \d+ keys match.*encoder\.w.*conv1\.weight"),
+    ("weights_other_architecture", load_weights({"state_dict": {"conv1.weight": torch.zeros(64, 3, 7, 7)}}),
+     ValueError, r"only 1 of the backbone's"),
+    ("weights_no_tensors", load_weights({"epoch": 3}), ValueError, r"weights\.pth: holds no tensors"),
+    ("weights_missing_file", lambda tmp: (lambda: build_backbone("resnet18", weights=tmp / "nope.pth")),
+     FileNotFoundError, r"nope\.pth"),
+    # --- model options that cannot work
+    ("bb_plain_zero_init", call(lambda: build_backbone("plain18", zero_init_residual=True)), ValueError,
+     r"zero_init_residual on a plain net"),
+    ("bb_frozen_zero_init", call(lambda: build_backbone("resnet18", norm="FrozenBN", zero_init_residual=True)),
+     ValueError, r"zero_init_residual needs a norm with a trainable scale"),
+    ("bb_plain_shortcut", call(lambda: build_backbone("plain18", shortcut="A")), ValueError, r"shortcut='A' on a plain"),
+    ("bb_basic_groups", call(lambda: ResNet("basic", (1, 1, 1, 1), groups=32)), ValueError, r"groups=32.*bottleneck"),
+    ("bb_basic_stride_in_1x1", call(lambda: build_backbone("resnet18", stride_in_1x1=True)), ValueError,
+     r"stride_in_1x1 applies to bottleneck"),
+    ("bb_fold_preact", call(lambda: fold_batchnorm(build_backbone("preact_resnet18").eval())), ValueError,
+     r"pre-activation block.*cannot be folded"),
+    ("bb_num_classes_zero", call(lambda: build_backbone("resnet18", num_classes=0)), ValueError, r"num_classes=0"),
+    # --- tools' own arguments
+    ("tool_backbone_info_size_0", cli(backbone_info.main, "resnet18", "--size", "0"), 2, r"--size.*positive"),
+    ("tool_backbone_info_size_neg", cli(backbone_info.main, "resnet18", "--size", "-4"), 2, r"--size.*-4"),
+    ("tool_backbone_info_too_small", cli(backbone_info.main, "vgg16", "--size", "8"), 2, r"vgg16: input 8x8 is too small"),
+    ("tool_visualize_num_negative", cli(visualize_det.main, "--gt", "--out", "{tmp}/vis", "--num", "-1"), 2,
+     r"--num must be at least 1, got -1"),
+    ("tool_test_det_out_missing_folder", lambda tmp: cli(test_det.main, "--checkpoint", str(existing_checkpoint(tmp)),
+                                                         "--out", "{tmp}/missing/m.json")(tmp), 2,
+     r"--out .*missing/m\.json: folder .*missing does not exist"),
+    ("tool_test_det_no_checkpoint", cli(test_det.main, "--checkpoint", "{tmp}/none.pth"), 2, r"none\.pth: no such file"),
+    ("tool_test_det_bad_metric", lambda tmp: cli(test_det.main, "--checkpoint", str(existing_checkpoint(tmp)),
+                                                 "eval.metric=map")(tmp), 2, r"'eval\.metric' = 'map'"),
+    ("tool_transfer_no_seeds", cli(transfer.main, "seeds=[]"), 2, r"'seeds' = \[\]"),
+]
+
+
+def tree_digest(folder: Path) -> str:
+    """Hash of every path and file content under `folder`: proves a check wrote nothing there."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")) if folder.exists() else []:
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("build, expected, culprit", [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_refused_early_naming_the_culprit(tmp_path, monkeypatch, capsys, build, expected, culprit):
+    monkeypatch.chdir(tmp_path)  # tools' relative defaults (outputs/, .cache/) land in tmp, never in the checkout
+    monkeypatch.setenv("RESDET_CACHE", str(tmp_path / "cache"))
+    action = build(tmp_path)
+    before = tree_digest(tmp_path / "data")
+    if isinstance(expected, int):
+        with pytest.raises(SystemExit) as exit_info:
+            action()
+        assert exit_info.value.code == expected
+        message = capsys.readouterr().err
+    else:
+        with pytest.raises(expected) as error_info:
+            action()
+        message = str(error_info.value)
+    assert re.search(culprit, message, re.S), message
+    assert "weights_only=False" not in message
+    assert tree_digest(tmp_path / "data") == before, "the check wrote into the data folder"
+    assert not (tmp_path / "outputs").exists(), "a refused run must not create its output folder"
+
+
+def test_the_table_has_at_least_30_bad_inputs():
+    assert len(BAD_INPUTS) >= 30 and len({case[0] for case in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+def test_cli_exit_code_in_a_real_process():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "backbone_info.py"), "resnet18", "--size", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--size" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ counted skips and right results
+
+def test_skip_invalid_skips_every_kind_of_bad_file_counts_and_lists_them(tmp_path, caplog):
+    files = {"good.png": png_bytes(), **{f"{kind}.jpg": make(tmp_path) for kind, make in BAD_IMAGES.items()}}
+    folder, ann = coco_set(tmp_path, files=files)
+    before = tree_digest(tmp_path / "data")
+    records, _, _ = load_coco_records(folder, ann, skip_invalid=True)
+    kept = validate_records(records, split="train", skip_invalid=True, report_dir=tmp_path / "out",
+                            cache_dir=tmp_path / "cache")
+    assert [Path(r.path).name for r in kept] == ["good.png"]
+    listed = (tmp_path / "out" / "invalid_train.txt").read_text().splitlines()
+    assert len(listed) == len(BAD_IMAGES) and all(any(kind in line for line in listed) for kind in BAD_IMAGES)
+    assert f"skipped {len(BAD_IMAGES)} of {len(files)} file(s)" in caplog.text
+    assert tree_digest(tmp_path / "data") == before
+
+
+def test_second_validation_is_served_from_the_cache(tmp_path, monkeypatch):
+    folder, ann = coco_set(tmp_path)
+    records, _, _ = load_coco_records(folder, ann)
+    validate_records(records, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr("engine.validation._inspect", lambda check: pytest.fail(f"decoded {check.path} again"))
+    assert len(validate_records(records, cache_dir=tmp_path / "cache")) == 2
+    (folder / "a.jpg").write_bytes(png_bytes(40, 30))  # a changed file (size + mtime) is decoded again
+    with pytest.raises(BaseException, match="decoded .*a.jpg again"):
+        validate_records(records, cache_dir=tmp_path / "cache")
+
+
+def test_exif_is_ignored_for_images_as_for_annotations(tmp_path):
+    exif_rotated_jpeg(tmp_path / "r.jpg", width=32, height=24)
+    assert read_image(tmp_path / "r.jpg").shape == (24, 32, 3)  # stored pixels, as COCO / VOC tools annotate them
+    folder, ann = coco_set(tmp_path, files={"a.jpg": (tmp_path / "r.jpg").read_bytes()})
+    records, _, _ = load_coco_records(folder, ann)
+    assert len(validate_records(records, cache_dir=tmp_path / "cache")) == 1
+
+
+@pytest.mark.parametrize("overrides, key, value", [
+    (["data.min_size=800"], "data.min_size", [800]),
+    (["train.amp=bf16"], "train.amp", "bf16"),
+    (["model.backbone.weights=w.pth"], "model.backbone.weights", "w.pth"),
+])
+def test_values_that_are_right(overrides, key, value):
+    assert OmegaConf.select(load_config(CONFIGS["det"], None, overrides), key) == value
+
+
+def detector_like(backbone: torch.nn.Module, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in backbone.state_dict().items()} | {"roi_heads.box_predictor.w": torch.ones(2)}
+
+
+@pytest.mark.parametrize("wrap, prefix", [
+    (lambda sd: {"model": sd, "epoch": 3}, "backbone.body."),  # ResDet detection training checkpoint
+    (lambda sd: sd, "backbone.body."),  # torchvision / Detectron2-style detector state dict
+    (lambda sd: {"model": sd}, "module.backbone."),  # DDP segmentation / classification checkpoint
+])
+def test_backbone_part_of_a_whole_model_is_found_loaded_and_reported(tmp_path, caplog, wrap, prefix):
+    torch.manual_seed(0)
+    source = build_backbone("resnet18")
+    path = weights_file(tmp_path, wrap(detector_like(source, prefix)))
+    loaded = build_backbone("resnet18", weights=path)
+    torch.testing.assert_close(loaded.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
+    assert f"keys under '{prefix}'" in caplog.text
+
+
+@pytest.mark.parametrize("name, norm", [("preact_resnet18", "BN"), ("resnet18", "SyncBN"), ("resnet18", "GN")])
+def test_zero_init_residual_works_for_preact_and_syncbn(name, norm):
+    backbone = build_backbone(name, norm=norm, zero_init_residual=True)
+    block = backbone.layer1[0]
+    last = block.conv2.weight if name.startswith("preact") else block.bn2.weight
+    assert torch.count_nonzero(last) == 0
+
+
+def test_fold_refusal_leaves_the_model_untouched():
+    model = build_backbone("preact_resnet18").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError):
+        fold_batchnorm(model)
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_backbone_info_follows_the_convolutions(capsys):
+    backbone_info.main(["resnet18", "vgg16", "--size", "100"])
+    out = capsys.readouterr().out
+    assert "| res5 | 512 | 32 | 4 |" in out  # 100 -> 50 -> 25 -> 13 -> 7 -> 4 (100 // 32 would say 3)
+    assert "| conv5 | 512 | 16 | 6 |" in out  # VGG pools floor: 100 -> 50 -> 25 -> 12 -> 6
