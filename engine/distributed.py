@@ -6,6 +6,8 @@ Tools launched with ``torchrun`` and with plain ``python`` run the same code pat
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -55,6 +57,16 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (writing a cache or generated data), the other ranks after it (reading)."""
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-stride", type=int, default=32, choices=(32, 16, 8))
     parser.add_argument("--shortcut", default="B", choices=("A", "B", "C"))
     args = parser.parse_intermixed_args(argv)
-    torch.set_grad_enabled(False)
     for name in args.names:
         options = {}
         if name in RESNETS and args.shortcut != "B":
@@ -80,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.output_stride != 32:
             options["output_stride"] = args.output_stride
         try:
-            print(stage_table(name, args.size, **options), end="\n\n")
+            with torch.no_grad():  # callers (tests, notebooks) keep their own grad mode
+                print(stage_table(name, args.size, **options), end="\n\n")
         except ValueError as err:
             parser.error(f"{name}: {err}")
 

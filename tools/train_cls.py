@@ -26,7 +26,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from backbones import save_backbone  # noqa: E402
-from classification.datasets import build_cls_dataset  # noqa: E402
+from classification.datasets import build_cls_dataset, validate_dataset  # noqa: E402
 from classification.metrics import AccuracyMeter  # noqa: E402
 from classification.model import build_classifier  # noqa: E402
 from classification.synthetic import generate_imagefolder  # noqa: E402
@@ -34,7 +34,8 @@ from classification.transforms import build_cls_transforms  # noqa: E402
 from engine.checkpoint import start_run  # noqa: E402
 from engine.config import parse_args  # noqa: E402
 from engine.demo_data import prepare_demo_data, resolve_demo_data  # noqa: E402
-from engine.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_main_process  # noqa: E402
+from engine.distributed import (all_reduce_sum, cleanup, init_distributed, is_main_process,  # noqa: E402
+                                main_process_first)
 from engine.loop import TrainingLoop, amp_dtype, autocast, eval_loader  # noqa: E402
 from engine.output import HISTORY, plot_history  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
@@ -51,19 +52,21 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.train.seed, rank)
 
     # --- data: both splits must agree on the class list, or label indices silently mean different classes
-    if demo and is_main_process():
-        if cfg.data.format != "imagefolder":
-            raise ValueError(f"data.synthetic writes an ImageFolder, but data.format={cfg.data.format!r}")
-        spec = cfg.data.synthetic
-        prepare_demo_data(cfg.data.root, partial(generate_imagefolder, num_classes=spec.num_classes,
-                                                 train_per_class=spec.train_per_class,
-                                                 val_per_class=spec.val_per_class, image_size=spec.image_size))
-    barrier()
     train_tf = build_cls_transforms(True, image_size=cfg.data.image_size, recipe=cfg.data.recipe)
     val_tf = build_cls_transforms(False, image_size=cfg.data.image_size, recipe=cfg.data.recipe,
                                   ten_crop=cfg.eval.ten_crop)
-    train_full = build_cls_dataset(cfg.data.format, cfg.data.root, "train", train_tf)
-    val_full = build_cls_dataset(cfg.data.format, cfg.data.root, "val", val_tf)
+    with main_process_first():  # rank 0 writes the demo data and the validation cache, the others read them
+        if demo and is_main_process():
+            if cfg.data.format != "imagefolder":
+                raise ValueError(f"data.synthetic writes an ImageFolder, but data.format={cfg.data.format!r}")
+            spec = cfg.data.synthetic
+            prepare_demo_data(cfg.data.root, partial(generate_imagefolder, num_classes=spec.num_classes,
+                                                     train_per_class=spec.train_per_class,
+                                                     val_per_class=spec.val_per_class, image_size=spec.image_size))
+        train_full, val_full = (validate_dataset(build_cls_dataset(cfg.data.format, cfg.data.root, split, transform),
+                                                 split=split, skip_invalid=cfg.data.skip_invalid,
+                                                 report_dir=cfg.output_dir)
+                                for split, transform in (("train", train_tf), ("val", val_tf)))
     class_names = train_full.classes
     if val_full.classes != class_names:
         raise ValueError(f"train has {len(class_names)} classes, val has {len(val_full.classes)}: the splits of "

@@ -17,14 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detection.build import build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
-from detection.datasets import collate  # noqa: E402
+from detection.datasets import collate, validate_records  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector  # noqa: E402
 from detection.samplers import GroupedBatchSampler, aspect_ratio_groups  # noqa: E402
 from engine.checkpoint import start_run  # noqa: E402
 from engine.config import parse_args  # noqa: E402
 from engine.demo_data import resolve_demo_data  # noqa: E402
-from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
+from engine.distributed import cleanup, init_distributed, is_main_process, main_process_first  # noqa: E402
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
 
@@ -39,15 +39,18 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world_size, device = init_distributed(cfg.device)
     seed_everything(cfg.train.seed, rank)
 
-    # --- data: records are validated up front, so a bad file stops us now, not hours into an epoch
-    if is_main_process():
-        prepare_synthetic(cfg.data)
-    barrier()
-    train_records, class_names, _ = load_split(cfg.data, "train")
-    val_records, val_class_names, cat_ids = load_split(cfg.data, "val")
-    if class_names != val_class_names or len(class_names) != cfg.model.num_classes:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has {len(class_names)} classes "
-                         f"{class_names} (val: {len(val_class_names)})")
+    # --- data: every image is decoded and checked up front, so a bad file stops us now, not hours into an epoch
+    with main_process_first():  # rank 0 writes the demo data and the validation cache, the others read them
+        if is_main_process():
+            prepare_synthetic(cfg.data)
+        train_records, class_names, _ = load_split(cfg.data, "train")
+        val_records, val_class_names, cat_ids = load_split(cfg.data, "val")
+        if class_names != val_class_names or len(class_names) != cfg.model.num_classes:
+            raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has {len(class_names)} "
+                             f"classes {class_names} (val: {len(val_class_names)})")
+        train_records, val_records = (validate_records(records, split=split, skip_invalid=cfg.data.skip_invalid,
+                                                       report_dir=cfg.output_dir)
+                                      for records, split in ((train_records, "train"), (val_records, "val")))
     train_set = build_dataset(cfg.data, train_records, train=True)
     val_loader = eval_loader(build_dataset(cfg.data, val_records, train=False), cfg.eval.batch_size,
                              cfg.data.num_workers, collate_fn=collate)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from engine.checkpoint import start_run  # noqa: E402
 from engine.config import parse_args  # noqa: E402
 from engine.demo_data import resolve_demo_data  # noqa: E402
-from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
+from engine.distributed import cleanup, init_distributed, is_main_process, main_process_first  # noqa: E402
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
 from segmentation.build import build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
@@ -38,18 +38,17 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.train.seed, rank)
 
     # --- data: with data.validate every sample is decoded up front, so a bad file stops us now, not hours in
-    if is_main_process():
-        prepare_synthetic(cfg.data)
-    barrier()
     train_transform = build_seg_transforms(True, cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
                                            flip_prob=cfg.data.flip_prob)
-    train_set = build_dataset(cfg.data, "train", train_transform)
-    val_set = build_dataset(cfg.data, "val")
-    check_classes(cfg.model.num_classes, train_set, val_set)
-    if is_main_process() and cfg.data.validate:
-        train_set.validate()
-        val_set.validate()
-    barrier()
+    with main_process_first():  # rank 0 writes the demo data and the validation cache, the others read them
+        if is_main_process():
+            prepare_synthetic(cfg.data)
+        train_set = build_dataset(cfg.data, "train", train_transform)
+        val_set = build_dataset(cfg.data, "val")
+        check_classes(cfg.model.num_classes, train_set, val_set)
+        if cfg.data.validate:
+            for dataset, split in ((train_set, "train"), (val_set, "val")):
+                dataset.validate(split=split, skip_invalid=cfg.data.skip_invalid, report_dir=cfg.output_dir)
     val_loader = eval_loader(first(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)  # full-size images
 
     # --- model, the loss of one step, the evaluation
