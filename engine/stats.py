@@ -56,7 +56,7 @@ def summarize(values: Sequence[float | None], confidence: float = CONFIDENCE) ->
     if n < 2:
         return Summary(n, mean, None, None, None)
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
     return Summary(n, mean, std, mean - half, mean + half)
 
 
@@ -76,5 +76,5 @@ def compare(a: Sequence[float | None], b: Sequence[float | None], *, higher_is_b
         df = (va + vb) ** 2 / (va**2 / (sa.n - 1) + vb**2 / (sb.n - 1))
         half = stats.t.ppf(0.5 + confidence / 2, df) * se
         low, high = diff - half, diff + half
-    held = low > 0 if higher_is_better else high < 0
-    return Comparison(diff, low, high, held)
+    held = bool(low > 0 if higher_is_better else high < 0)
+    return Comparison(diff, float(low), float(high), held)

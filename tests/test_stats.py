@@ -30,7 +30,8 @@ def test_welch_with_equal_sizes_and_variances_has_2n_minus_2_dof():
     assert c.diff == -1.0
     assert c.ci_low == pytest.approx(-1 - half) and c.ci_high == pytest.approx(-1 + half)
     assert c.ci_low == pytest.approx(-3.2669579, abs=1e-6)
-    assert not c.held and not compare([1.0, 2.0, 3.0], [2.0, 3.0, 4.0], higher_is_better=False).held
+    assert c.held is False and compare([1.0, 2.0, 3.0], [2.0, 3.0, 4.0], higher_is_better=False).held is False
+    assert type(c.ci_low) is float  # plain floats and bools: results go to JSON
 
 
 def test_welch_unequal_variances_matches_satterthwaite_by_hand():

@@ -227,6 +227,12 @@ def comparisons(experiments: dict[str, dict], backbones: list[str]) -> list[dict
                 pairs.append((name, resnet, plain))
             else:
                 pairs += [(name, f"{resnet}_{init}", f"{plain}_{init}") for init in ("pretrained", "scratch")]
+    return compare_pairs(experiments, pairs)
+
+
+def compare_pairs(experiments: dict[str, dict], pairs: list[tuple[str, str, str]]) -> list[dict]:
+    """For each (experiment, A, B) with runs on both sides: A - B with its Welch 95 % interval and `held` (A better
+    than B in the experiment's direction, the interval excluding 0)."""
     rows = []
     for name, a, b in pairs:
         experiment = experiments[name]
@@ -245,6 +251,21 @@ def _interval(low: float | None, high: float | None) -> str:
     return "n/a" if low is None else f"[{low:.2f}, {high:.2f}]"
 
 
+def statistics_markdown(summary_rows: list[dict], comparison_rows: list[dict]) -> list[str]:
+    """Two Markdown tables: per-condition statistics, then the comparisons and whether each ordering held."""
+    lines = ["| experiment | condition | n | mean | std | 95% CI |", "|---|---|---:|---:|---:|---|"]
+    for row in summary_rows:
+        lines.append(f"| {row['experiment']} | {row['condition']} | {row['n']} | {row['mean']:.2f} | "
+                     f"{_num(row['std'])} | {_interval(row['ci_low'], row['ci_high'])} |")
+    lines += ["", "Orderings: A − B, difference of means with its 95 % Welch interval; *held* = the interval "
+              "excludes 0 on the side where A is better (higher, or lower for errors).", "",
+              "| experiment | A − B | difference | 95% CI | held |", "|---|---|---:|---|---|"]
+    for row in comparison_rows:
+        lines.append(f"| {row['experiment']} | {row['a']} − {row['b']} | {row['diff']:+.2f} | "
+                     f"{_interval(row['ci_low'], row['ci_high'])} | {'yes' if row['held'] else 'no'} |")
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     experiments = results["experiments"]
     lines = [f"# Transfer: {len(results['backbones'])} backbone(s) x seeds {results['seeds']}",
@@ -253,17 +274,7 @@ def results_markdown(results: dict) -> str:
              "mean (Student t), in percent. Detection from scratch vs from the backbone pretrained by classification "
              "(same schedule); " + ", ".join(f"`{n}`: {e['metric']}" for n, e in experiments.items()) + ".",
              "",
-             "| experiment | condition | n | mean | std | 95% CI |",
-             "|---|---|---:|---:|---:|---|"]
-    for row in results["summaries"]:
-        lines.append(f"| {row['experiment']} | {row['condition']} | {row['n']} | {row['mean']:.2f} | "
-                     f"{_num(row['std'])} | {_interval(row['ci_low'], row['ci_high'])} |")
-    lines += ["", "Orderings: A − B, difference of means with its 95 % Welch interval; *held* = the interval "
-              "excludes 0 on the side where A is better (higher, or lower for errors).", "",
-              "| experiment | A − B | difference | 95% CI | held |", "|---|---|---:|---|---|"]
-    for row in results["comparisons"]:
-        lines.append(f"| {row['experiment']} | {row['a']} − {row['b']} | {row['diff']:+.2f} | "
-                     f"{_interval(row['ci_low'], row['ci_high'])} | {'yes' if row['held'] else 'no'} |")
+             *statistics_markdown(results["summaries"], results["comparisons"])]
     cls, cells = results["classification"], results["cells"]
     walls = [c["wall_s"] for c in cls if c["wall_s"]] + [c["det_wall_s"] for c in cells if c["det_wall_s"]]
     lines += ["", f"{len(cls)} classification and {len(cells)} detection runs, {_fmt(sum(walls))} of training in all."]
