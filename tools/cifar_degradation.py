@@ -165,7 +165,7 @@ def plot_degradation(runs: list[dict], path: Path) -> None:
             histories = [Path(r["history"]) for r in runs if r["net"] == net and Path(r["history"]).is_file()]
             colour = f"C{k}"
             for key, style, label in (("train/error", dict(ls="--", lw=1), "train"),
-                                      ("val/error", dict(lw=2.5), "test")):
+                                      ("val/error", dict(lw=2.5, marker="o", ms=3), "test")):
                 curve = _mean_curve(histories, key) if histories else []
                 if curve:
                     ax.plot(*zip(*curve), color=colour, label=f"{net} {label}", **style)
