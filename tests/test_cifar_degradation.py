@@ -64,8 +64,10 @@ def test_merge_reproduction(tmp_path):
     assert json.loads((tmp_path / "docs" / "reproduction.json").read_text()) == merged
     with pytest.raises(SystemExit):  # no silent overwrite
         merge_reproduction.main([str(paths[0]), "--out", str(tmp_path / "docs" / "reproduction.json")])
-    with pytest.raises(ValueError, match="seed 0 appears in more than one input"):
-        merge_reproduction.merge_reproduction([a, a])
+    assert merge_reproduction.merge_reproduction([a, a]) == a  # the same run twice counts once
+    changed = {"experiments": {"cifar_test_error": {**a["experiments"]["cifar_test_error"], "runs": [run("plain20", 0, 7.0)]}}}
+    with pytest.raises(ValueError, match="seed 0 has different values"):
+        merge_reproduction.merge_reproduction([a, changed])
     clash = {"experiments": {"cifar_test_error": {**a["experiments"]["cifar_test_error"], "higher_is_better": True}}}
     with pytest.raises(ValueError, match="differ"):
         merge_reproduction.merge_reproduction([a, clash])

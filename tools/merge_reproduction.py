@@ -5,8 +5,9 @@
 
 Every input is `{"experiments": {NAME: {"metric", "higher_is_better", "runs": [{"condition", "seed", "value"}]}}}`
 (written by tools/transfer.py and tools/cifar_degradation.py). An experiment found in several inputs (e.g. seeds
-run in separate output folders) has its runs concatenated; its metric and direction must agree, and one
-(condition, seed) may appear only once. An existing --out file is not overwritten without --overwrite.
+run in separate output folders) has its runs concatenated; its metric and direction must agree, and a
+(condition, seed) found twice must have the same value (it is kept once: e.g. a pretraining shared by two
+transfer experiments). An existing --out file is not overwritten without --overwrite.
 """
 from __future__ import annotations
 
@@ -28,12 +29,14 @@ def merge_reproduction(documents: list[dict]) -> dict:
                 raise ValueError(f"experiment {name!r}: metric / direction {experiment['metric']!r}, "
                                  f"{experiment['higher_is_better']} differ from {target['metric']!r}, "
                                  f"{target['higher_is_better']} of an earlier input")
-            seen = {(run["condition"], run["seed"]) for run in target["runs"]}
+            seen = {(run["condition"], run["seed"]): run["value"] for run in target["runs"]}
             for run in experiment["runs"]:
-                if (run["condition"], run["seed"]) in seen:
+                key = (run["condition"], run["seed"])
+                if key in seen and seen[key] != run["value"]:
                     raise ValueError(f"experiment {name!r}: condition {run['condition']!r} seed {run['seed']} "
-                                     "appears in more than one input")
-                target["runs"].append({"condition": run["condition"], "seed": run["seed"], "value": run["value"]})
+                                     f"has different values in two inputs ({seen[key]} and {run['value']})")
+                if key not in seen:  # the same run twice (e.g. a shared pretraining) counts once
+                    target["runs"].append({"condition": run["condition"], "seed": run["seed"], "value": run["value"]})
     return {"experiments": merged}
 
 
