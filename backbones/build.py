@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 from .base import Backbone
 from .batch_norm import NORMS, convert_eval_batchnorm, convert_frozen_batchnorm, get_norm
+from .cifar_resnet import CIFAR_NETS, CifarResNet
 from .resnet import ResNet
 from .timm_backbone import TimmBackbone
 from .vgg import VGG16
@@ -35,11 +36,12 @@ VGGS = ("vgg16", "vgg16_bn")
 RESNET_OPTIONS = {"shortcut", "stride_in_1x1", "output_stride", "replace_stride_with_dilation", "zero_init_residual",
                   "num_classes"}
 VGG_OPTIONS = {"num_classes"}
+CIFAR_OPTIONS = {"shortcut", "zero_init_residual", "num_classes"}
 TIMM_OPTIONS = {"output_stride"}
 
 
 def backbone_names() -> list[str]:
-    return [*RESNETS, *VGGS, "timm:<model>"]
+    return [*RESNETS, *CIFAR_NETS, *VGGS, "timm:<model>"]
 
 
 def _check_options(name: str, options: dict[str, Any], valid: set[str]) -> None:
@@ -65,8 +67,9 @@ def build_backbone(name: str, *, out_features: Sequence[str] = DEFAULT_OUT_FEATU
     """Build a backbone by name, load `weights`, then freeze the first `freeze_at` stages.
 
     Names: resnet18/34/50/101/152, plain18/34/50/101/152, resnext50_32x4d, resnext101_32x8d,
-    wide_resnet50_2, preact_resnet18/50, vgg16 (no norm layers, the paper's baseline), vgg16_bn,
-    and `timm:<any timm model>`. `freeze_at`: 0 nothing, 1 stem, 2 stem + res2, ... (Detectron2).
+    wide_resnet50_2, preact_resnet18/50, the CIFAR nets resnet20/32/44/56/110/1202 and plain20..110
+    (stages stem, res2..res4; options shortcut (default "A"), zero_init_residual, num_classes),
+    vgg16 (no norm layers, the paper's baseline), vgg16_bn, and `timm:<any timm model>`. `freeze_at`: 0 nothing, 1 stem, 2 stem + res2, ... (Detectron2).
     For VGG the default `out_features` means `("conv5",)`: conv5_3 at stride 16.
 
     Options (ResNets): shortcut "A" | "B" | "C", stride_in_1x1, output_stride 32 | 16 | 8 (or
@@ -84,6 +87,12 @@ def build_backbone(name: str, *, out_features: Sequence[str] = DEFAULT_OUT_FEATU
         stride_in_1x1 = bool(options.get("stride_in_1x1", False))
         output_stride = _output_stride(options)
         backbone: Backbone = ResNet(block, layers, norm=get_norm(norm), output_stride=output_stride, **variant, **options)
+    elif name in CIFAR_NETS:
+        _check_options(name, options, CIFAR_OPTIONS)
+        blocks_per_stage, residual = CIFAR_NETS[name]
+        backbone = CifarResNet(blocks_per_stage, norm=get_norm(norm), residual=residual, **options)
+        if tuple(out_features) == DEFAULT_OUT_FEATURES:
+            out_features = ("res2", "res3", "res4")
     elif name in VGGS:
         _check_options(name, options, VGG_OPTIONS)
         backbone = VGG16(norm=get_norm(norm) if name == "vgg16_bn" else None, **options)

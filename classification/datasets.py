@@ -17,7 +17,9 @@ from torchvision.datasets import ImageFolder, VisionDataset
 from engine.images import DatasetError, inside
 from engine.validation import FileCheck, validate_files
 
-FORMATS = ("imagefolder", "tiny-imagenet")
+from .cifar import build_cifar
+
+FORMATS = ("imagefolder", "tiny-imagenet", "cifar10", "cifar100")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -49,6 +51,8 @@ def build_cls_dataset(
         if split == "val":
             return TinyImageNetVal(root, classes, transform)
         raise ValueError(f"tiny-imagenet has splits 'train' and 'val', got {split!r} ({root})")
+    if fmt in ("cifar10", "cifar100"):
+        return build_cifar(fmt, root, split, transform)
     raise ValueError(f"unknown dataset format {fmt!r}; valid formats: {', '.join(FORMATS)}")
 
 

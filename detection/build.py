@@ -4,8 +4,11 @@ Shared by tools/train_det.py, test_det.py and visualize_det.py so they read data
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from engine.demo_data import prepare_demo_data
 
@@ -28,10 +31,35 @@ def prepare_synthetic(data: Mapping[str, Any]) -> None:
 
 
 def load_split(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], list[str], list[int] | None]:
-    """Records, class names and (COCO) category ids of `data.train` or `data.val` (the first
-    `data.<split>_limit` images when set)."""
+    """Records, class names and (COCO) category ids of `data.train` or `data.val`, restricted to `data.classes`
+    when set (see `select_classes`), then the first `data.<split>_limit` images when set."""
     records, class_names, cat_ids = _load_all(data, split)
+    if data["classes"]:
+        records, class_names, cat_ids = select_classes(records, class_names, cat_ids, list(data["classes"]),
+                                                       drop_empty=data["classes_drop_empty"])
     return records[: data[f"{split}_limit"]], class_names, cat_ids
+
+
+def select_classes(records: list[ImageRecord], class_names: list[str], cat_ids: list[int] | None,
+                   classes: Sequence[str], *, drop_empty: bool = False
+                   ) -> tuple[list[ImageRecord], list[str], list[int] | None]:
+    """Keep only objects of `classes`, relabelled 1..K in the given order; other objects are dropped (crowd /
+    difficult ones of a kept class stay, still ignored). Images left without objects stay as negatives unless
+    `drop_empty`. COCO category ids follow the selection."""
+    unknown = [name for name in classes if name not in class_names]
+    if unknown or len(set(classes)) != len(classes):
+        raise ValueError(f"data.classes={list(classes)}: unknown {unknown} or repeated names; "
+                         f"the data has {class_names}")
+    new_label = {class_names.index(name) + 1: k for k, name in enumerate(classes, start=1)}
+    selected = []
+    for record in records:
+        keep = np.isin(record.labels, list(new_label))
+        if drop_empty and not keep.any():
+            continue
+        labels = np.asarray([new_label[int(label)] for label in record.labels[keep]], dtype=np.int64)
+        selected.append(replace(record, boxes=record.boxes[keep], labels=labels, ignore=record.ignore[keep]))
+    new_cat_ids = [cat_ids[class_names.index(name)] for name in classes] if cat_ids is not None else None
+    return selected, list(classes), new_cat_ids
 
 
 def _load_all(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], list[str], list[int] | None]:
@@ -55,11 +83,12 @@ def build_dataset(data: Mapping[str, Any], records: list[ImageRecord], train: bo
 
 def build_evaluator(metric: str, backend: str, data: Mapping[str, Any], records: list[ImageRecord],
                     class_names: list[str], cat_ids: list[int] | None) -> CocoEvaluator | VOCEvaluator:
-    """COCO AP against the original json (crowd regions included) or against the records; VOC AP on records."""
+    """COCO AP against the original json (crowd regions included) or against the records (with `data.val_limit`
+    or `data.classes`: the json would hold images or categories the model never saw); VOC AP on records."""
     if metric not in METRICS:
         raise ValueError(f"eval.metric={metric!r} is not one of {list(METRICS)}")
     if metric == "coco":
-        if data["format"] == "coco" and not data["val_limit"]:
+        if data["format"] == "coco" and not data["val_limit"] and not data["classes"]:
             return CocoEvaluator(data["val"]["annotations"], cat_ids, backend=backend)
         ids = cat_ids or list(range(1, len(class_names) + 1))
         return CocoEvaluator(records_to_coco(records, class_names, ids), ids, backend=backend)

@@ -4,6 +4,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -49,7 +50,28 @@ def test_transfer_runs_end_to_end_then_resumes_without_redoing(tmp_path):
     assert [(c["backbone"], c["seed"]) for c in saved["classification"]] == [("resnet18", 0), ("plain18", 0)]
     assert all(0 <= c["top1"] <= 100 and c["wall_s"] > 0 for c in saved["classification"])
     table = (out / "results.md").read_text()
-    assert "| resnet18 |" in table and "| plain18 |" in table and "AP pretrained" in table
+    assert "| transfer_shapes_ap | resnet18_pretrained | 1 |" in table and "| pretrain_top1 | plain18 | 1 |" in table
+    assert "| transfer_shapes_ap50 | resnet18_pretrained − resnet18_scratch |" in table
+
+    # reproduction.json: docs/reproduction.json's schema, one run per condition x seed, values in percent
+    reproduction = json.loads((out / "reproduction.json").read_text())
+    assert set(reproduction) == {"experiments"}
+    experiments = reproduction["experiments"]
+    assert set(experiments) == {"pretrain_top1", "pretrain_train_error", "transfer_shapes_ap50", "transfer_shapes_ap"}
+    for experiment in experiments.values():
+        assert set(experiment) == {"metric", "higher_is_better", "runs"}
+        assert isinstance(experiment["metric"], str) and isinstance(experiment["higher_is_better"], bool)
+        for run in experiment["runs"]:
+            assert set(run) == {"condition", "seed", "value"} and run["seed"] == 0
+            assert isinstance(run["value"], float) and 0 <= run["value"] <= 100
+    assert sorted(r["condition"] for r in experiments["transfer_shapes_ap"]["runs"]) == [
+        "plain18_pretrained", "plain18_scratch", "resnet18_pretrained", "resnet18_scratch"]
+    assert sorted(r["condition"] for r in experiments["pretrain_top1"]["runs"]) == ["plain18", "resnet18"]
+    assert experiments["pretrain_train_error"]["higher_is_better"] is False
+    ap = {r["condition"]: r["value"] for r in experiments["transfer_shapes_ap"]["runs"]}
+    assert ap["resnet18_scratch"] == pytest.approx(100 * cells[("resnet18", 0, False)]["AP"])
+    assert {(c["a"], c["b"]) for c in saved["comparisons"] if c["experiment"] == "pretrain_top1"} == {
+        ("resnet18", "plain18")}
     for name in ("transfer.png", "degradation.png"):
         assert (out / name).stat().st_size > 1000
 
@@ -83,3 +105,33 @@ def test_tiny_imagenet_class_subset_links_the_first_classes(tmp_path):
     val = build_cls_dataset("tiny-imagenet", subset, "val", None)
     assert train.classes == val.classes == ["n01", "n02"]
     assert len(train) == 2 and sorted(val.targets) == [0, 1]
+
+
+def _results(ap_by_condition: dict[tuple[str, bool], list[float]]) -> dict:
+    cells = [{"backbone": b, "seed": seed, "pretrained": p, "AP": ap, "AP50": min(1.0, 2 * ap), "det_wall_s": 1.0}
+             for (b, p), aps in ap_by_condition.items() for seed, ap in enumerate(aps)]
+    classification = [{"backbone": b, "seed": seed, "top1": 50.0 + seed + (5 if b.startswith("resnet") else 0),
+                       "train_top1": 60.0, "wall_s": 1.0} for b in ("resnet18", "plain18") for seed in range(3)]
+    return {"metric": "AP", "backbones": ["resnet18", "plain18"], "seeds": [0, 1, 2], "cells": cells,
+            "classification": classification}
+
+
+def test_statistics_and_orderings_over_seeds():
+    results = _results({("resnet18", True): [0.30, 0.32, 0.31], ("resnet18", False): [0.20, 0.21, 0.19],
+                        ("plain18", True): [0.25, 0.10, 0.28], ("plain18", False): [0.20, 0.22, 0.21]})
+    experiments = transfer.reproduction_experiments(results, "raccoon")
+    rows = {(r["experiment"], r["condition"]): r for r in transfer.summaries(experiments)}
+    r18 = rows[("transfer_raccoon_ap", "resnet18_pretrained")]
+    assert (r18["n"], r18["mean"], r18["std"]) == (3, pytest.approx(31.0), pytest.approx(1.0))
+    assert r18["ci_low"] == pytest.approx(31 - 4.302653 / 3**0.5, abs=1e-5)  # t_{0.975, 2} = 4.302653
+    held = {(c["experiment"], c["a"], c["b"]): c for c in transfer.comparisons(experiments, results["backbones"])}
+    assert held[("transfer_raccoon_ap", "resnet18_pretrained", "resnet18_scratch")]["held"]
+    assert held[("transfer_raccoon_ap", "resnet18_pretrained", "resnet18_scratch")]["diff"] == pytest.approx(11.0)
+    assert not held[("transfer_raccoon_ap", "plain18_pretrained", "plain18_scratch")]["held"]  # too noisy
+    assert held[("pretrain_top1", "resnet18", "plain18")]["diff"] == pytest.approx(5.0)
+    assert ("transfer_raccoon_ap50", "resnet18_scratch", "plain18_scratch") in held
+    markdown = transfer.results_markdown({**results, "experiments": experiments,
+                                          "summaries": transfer.summaries(experiments),
+                                          "comparisons": list(held.values())})
+    assert "| transfer_raccoon_ap | resnet18_pretrained − resnet18_scratch | +11.00 | [" in markdown
+    assert "| transfer_raccoon_ap | resnet18_pretrained | 3 | 31.00 | 1.00 | [28.52, 33.48] |" in markdown

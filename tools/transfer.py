@@ -10,8 +10,10 @@ Both tools run in-process through their `main(argv)`, with overrides built from 
 
 Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scratch}`; a stage whose
 metrics.json exists is not redone (a stage with only last.pth is resumed), so rerunning the same command
-continues an interrupted experiment. Writes to `output_dir`: results.json (every cell), results.md (mean +-
-spread over seeds), transfer.png (detection AP with / without pretraining), degradation.png (classification
+continues an interrupted experiment. Writes to `output_dir`: results.json (every cell, the per-condition statistics
+and the comparisons), results.md (mean, std and 95 % CI over seeds; pretrained - scratch and ResNet - plain with
+Welch intervals and whether each ordering held), reproduction.json (the runs in docs/reproduction.json's schema,
+see tools/merge_reproduction.py), transfer.png (detection AP with / without pretraining), degradation.png (classification
 training error of plain vs ResNet nets, the paper's Figure 4) and stages.log (one line per stage run or skipped).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import train_cls  # noqa: E402
 import train_det  # noqa: E402
 from engine.config import config_or_exit, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
+from engine.stats import compare, summarize  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "transfer" / "default.yaml"
 METRICS = "metrics.json"
@@ -69,16 +72,20 @@ def main(argv: list[str] | None = None) -> dict:
             run_dir = out / backbone / f"seed{seed}"
             common = [f"model.backbone.name={backbone}", f"train.seed={seed}"]
 
-            # (1) pretrain the classifier, export backbone.pth
-            cls_argv = _argv(cfg.cls.config, [*cls_shared, *extra.get("cls", []), *common])
-            cls_metrics, cls_wall = _stage(train_cls.main, cls_argv, run_dir / "cls", out, start, ran)
-            classification.append({"backbone": backbone, "seed": seed, "top1": cls_metrics["top1"],
-                                   "top5": cls_metrics.get("top5"), "train_top1": cls_metrics.get("train_top1"),
-                                   "wall_s": cls_wall, "history": str(run_dir / "cls" / HISTORY)})
+            # (1) pretrain the classifier, export backbone.pth (once per backbone when cls.seed is set)
+            cls_seed = seed if cfg.cls.seed is None else cfg.cls.seed
+            cls_dir = run_dir / "cls" if cfg.cls.seed is None else out / backbone / f"pretrain_seed{cls_seed}"
+            cls_argv = _argv(cfg.cls.config, [*cls_shared, *extra.get("cls", []), f"model.backbone.name={backbone}",
+                                              f"train.seed={cls_seed}"])
+            cls_metrics, cls_wall = _stage(train_cls.main, cls_argv, cls_dir, out, start, ran)
+            if not any(c["backbone"] == backbone and c["seed"] == cls_seed for c in classification):
+                classification.append({"backbone": backbone, "seed": cls_seed, "top1": cls_metrics["top1"],
+                                       "top5": cls_metrics.get("top5"), "train_top1": cls_metrics.get("train_top1"),
+                                       "wall_s": cls_wall, "history": str(cls_dir / HISTORY)})
 
             # (2) + (3) detection from the pretrained backbone and from scratch, same schedule
             for pretrained in (True, False):
-                weights = str(run_dir / "cls" / "backbone.pth") if pretrained else "null"
+                weights = str(cls_dir / "backbone.pth") if pretrained else "null"
                 det_argv = _argv(cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
                                                   f"model.backbone.weights={weights}"])
                 det_dir = run_dir / ("det_pretrained" if pretrained else "det_scratch")
@@ -93,7 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"metric": metric, "backbones": list(cfg.backbones), "seeds": list(cfg.seeds), "cells": cells,
                "classification": classification, "stages_run": ran, "wall_s": time.time() - start,
                "config": OmegaConf.to_container(cfg)}
+    experiments = reproduction_experiments(results, cfg.det.name)
+    results.update(experiments=experiments, summaries=summaries(experiments),
+                   comparisons=comparisons(experiments, list(cfg.backbones)))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "reproduction.json").write_text(json.dumps({"experiments": experiments}, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     plot_transfer(results, out / "transfer.png")
     plot_degradation(classification, out / "degradation.png")
@@ -161,71 +172,140 @@ def _fmt(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
-def _stats(values: list) -> tuple[float, float, float, float] | None:
-    """(mean, spread = half the min-max range, min, max) of the non-null values, or None."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return sum(values) / len(values), (max(values) - min(values)) / 2, min(values), max(values)
+def reproduction_experiments(results: dict, dataset: str) -> dict[str, dict]:
+    """The runs in docs/reproduction.json's schema: pretrain_top1 / pretrain_train_error (condition = backbone)
+    and transfer_<dataset>_ap50 (+ _ap for COCO metrics) with conditions <backbone>_scratch / _pretrained.
+    Values in percent. AP50 is COCO's AP at IoU 0.5 (101-point) with eval.metric=coco, else the VOC mAP."""
+    coco = results["metric"] == "AP"
+    experiments = {
+        "pretrain_top1": _experiment("classification val top-1 (%)", True,
+                                     [(c["backbone"], c["seed"], c["top1"]) for c in results["classification"]]),
+        "pretrain_train_error": _experiment(
+            "classification final training error (%, last epoch)", False,
+            [(c["backbone"], c["seed"], None if c["train_top1"] is None else 100 - c["train_top1"])
+             for c in results["classification"]]),
+    }
+    keys = [("ap50", "AP50" if coco else "mAP", "COCO AP50 (%)" if coco else "VOC AP50 (%)")]
+    if coco:
+        keys.append(("ap", "AP", "COCO AP@[.5:.95] (%)"))
+    for suffix, key, metric in keys:
+        runs = [(f"{c['backbone']}_{'pretrained' if c['pretrained'] else 'scratch'}", c["seed"],
+                 None if c.get(key) is None else 100 * c[key]) for c in results["cells"]]
+        experiments[f"transfer_{dataset}_{suffix}"] = _experiment(metric, True, runs)
+    return experiments
 
 
-def _cell(values: list, scale: float = 1.0) -> str:
-    s = _stats(values)
-    return "n/a" if s is None else f"{scale * s[0]:.1f} ± {scale * s[1]:.1f}"
+def _experiment(metric: str, higher_is_better: bool, runs: list[tuple[str, int, float | None]]) -> dict:
+    return {"metric": metric, "higher_is_better": higher_is_better,
+            "runs": [{"condition": c, "seed": s, "value": v} for c, s, v in runs if v is not None]}
+
+
+def _values(experiment: dict, condition: str) -> list[float]:
+    return [run["value"] for run in experiment["runs"] if run["condition"] == condition]
+
+
+def summaries(experiments: dict[str, dict]) -> list[dict]:
+    """Mean, sample std and 95 % t interval per experiment x condition (conditions in first-seen order)."""
+    rows = []
+    for name, experiment in experiments.items():
+        for condition in dict.fromkeys(run["condition"] for run in experiment["runs"]):
+            rows.append({"experiment": name, "condition": condition,
+                         **summarize(_values(experiment, condition)).to_dict()})
+    return rows
+
+
+def comparisons(experiments: dict[str, dict], backbones: list[str]) -> list[dict]:
+    """The paper's orderings, A - B with a Welch 95 % interval: pretrained - scratch per backbone (detection), and
+    ResNet - plain per depth (pretraining and detection, each initialisation). `held`: the interval excludes 0
+    on the side where A is better."""
+    pairs = []  # (experiment, condition A, condition B)
+    for name in experiments:
+        if name.startswith("transfer_"):
+            pairs += [(name, f"{b}_pretrained", f"{b}_scratch") for b in backbones]
+    for resnet in backbones:
+        plain = re.sub(r"^resnet(\d+)$", r"plain\1", resnet)
+        if plain == resnet or plain not in backbones:
+            continue
+        for name in experiments:
+            if name.startswith("pretrain_"):
+                pairs.append((name, resnet, plain))
+            else:
+                pairs += [(name, f"{resnet}_{init}", f"{plain}_{init}") for init in ("pretrained", "scratch")]
+    return compare_pairs(experiments, pairs)
+
+
+def compare_pairs(experiments: dict[str, dict], pairs: list[tuple[str, str, str]]) -> list[dict]:
+    """For each (experiment, A, B) with runs on both sides: A - B with its Welch 95 % interval and `held` (A better
+    than B in the experiment's direction, the interval excluding 0)."""
+    rows = []
+    for name, a, b in pairs:
+        experiment = experiments[name]
+        values_a, values_b = _values(experiment, a), _values(experiment, b)
+        if values_a and values_b:
+            comparison = compare(values_a, values_b, higher_is_better=experiment["higher_is_better"])
+            rows.append({"experiment": name, "a": a, "b": b, **comparison.to_dict()})
+    return rows
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    return "n/a" if low is None else f"[{low:.2f}, {high:.2f}]"
+
+
+def statistics_markdown(summary_rows: list[dict], comparison_rows: list[dict]) -> list[str]:
+    """Two Markdown tables: per-condition statistics, then the comparisons and whether each ordering held."""
+    lines = ["| experiment | condition | n | mean | std | 95% CI |", "|---|---|---:|---:|---:|---|"]
+    for row in summary_rows:
+        lines.append(f"| {row['experiment']} | {row['condition']} | {row['n']} | {row['mean']:.2f} | "
+                     f"{_num(row['std'])} | {_interval(row['ci_low'], row['ci_high'])} |")
+    lines += ["", "Orderings: A − B, difference of means with its 95 % Welch interval; *held* = the interval "
+              "excludes 0 on the side where A is better (higher, or lower for errors).", "",
+              "| experiment | A − B | difference | 95% CI | held |", "|---|---|---:|---|---|"]
+    for row in comparison_rows:
+        lines.append(f"| {row['experiment']} | {row['a']} − {row['b']} | {row['diff']:+.2f} | "
+                     f"{_interval(row['ci_low'], row['ci_high'])} | {'yes' if row['held'] else 'no'} |")
+    return lines
 
 
 def results_markdown(results: dict) -> str:
-    metric, cells, cls = results["metric"], results["cells"], results["classification"]
-    det_name = "COCO AP@[.5:.95]" if metric == "AP" else "VOC mAP"
+    experiments = results["experiments"]
     lines = [f"# Transfer: {len(results['backbones'])} backbone(s) x seeds {results['seeds']}",
              "",
-             f"Mean ± spread (half the min-max range) over seeds, in percent. Detection: {det_name}"
-             + (" and AP50" if metric == "AP" else "") + " from scratch vs from the backbone pretrained by "
-             "classification (same schedule). Classification: val top-1 and the final training error "
-             "(100 - last-epoch train top-1).",
+             "Per condition over seeds: mean, sample standard deviation and the 95 % confidence interval of the "
+             "mean (Student t), in percent. Detection from scratch vs from the backbone pretrained by classification "
+             "(same schedule); " + ", ".join(f"`{n}`: {e['metric']}" for n, e in experiments.items()) + ".",
              "",
-             f"| backbone | cls val top-1 | cls final train error | {metric} scratch | {metric} pretrained | "
-             f"Δ {metric} |" + (" AP50 scratch | AP50 pretrained |" if metric == "AP" else ""),
-             "|---|---|---|---|---|---|" + ("---|---|" if metric == "AP" else "")]
-    for backbone in results["backbones"]:
-        runs = [c for c in cls if c["backbone"] == backbone]
-        by_seed = {(c["seed"], c["pretrained"]): c[metric] for c in cells if c["backbone"] == backbone}
-        deltas = [None if by_seed.get((s, True)) is None or by_seed.get((s, False)) is None
-                  else by_seed[(s, True)] - by_seed[(s, False)] for s in results["seeds"]]
-        row = [backbone, _cell([c["top1"] for c in runs]),
-               _cell([None if c["train_top1"] is None else 100 - c["train_top1"] for c in runs])]
-        for pretrained in (False, True):
-            row.append(_cell([by_seed.get((s, pretrained)) for s in results["seeds"]], 100))
-        row.append(_cell(deltas, 100))
-        if metric == "AP":
-            for pretrained in (False, True):
-                row.append(_cell([c["AP50"] for c in cells if c["backbone"] == backbone and c["pretrained"] == pretrained], 100))
-        lines.append("| " + " | ".join(row) + " |")
+             *statistics_markdown(results["summaries"], results["comparisons"])]
+    cls, cells = results["classification"], results["cells"]
     walls = [c["wall_s"] for c in cls if c["wall_s"]] + [c["det_wall_s"] for c in cells if c["det_wall_s"]]
     lines += ["", f"{len(cls)} classification and {len(cells)} detection runs, {_fmt(sum(walls))} of training in all."]
     return "\n".join(lines) + "\n"
 
 
 def plot_transfer(results: dict, path: Path) -> None:
-    """Detection AP per backbone, scratch vs pretrained; bars = mean, error bars = min / max over seeds."""
+    """Detection AP per backbone, scratch vs pretrained; bars = mean, error bars = 95 % CI over seeds (n >= 2)."""
     metric, cells, backbones = results["metric"], results["cells"], results["backbones"]
     fig = Figure(figsize=(max(5.0, 1.6 * len(backbones) + 2), 4), layout="constrained")
     ax = fig.subplots()
     width = 0.38
     for k, (pretrained, label, colour) in enumerate([(False, "from scratch", "tab:gray"),
                                                       (True, "classification-pretrained", "tab:blue")]):
-        xs, means, lows, highs = [], [], [], []
+        xs, means, errors = [], [], []
         for i, backbone in enumerate(backbones):
-            s = _stats([c[metric] for c in cells if c["backbone"] == backbone and c["pretrained"] == pretrained])
-            if s is not None:
+            values = [100 * c[metric] for c in cells if c["backbone"] == backbone and c["pretrained"] == pretrained
+                      and c.get(metric) is not None]
+            if values:
+                s = summarize(values)
                 xs.append(i + (k - 0.5) * width)
-                means.append(100 * s[0])
-                lows.append(100 * (s[0] - s[2]))
-                highs.append(100 * (s[3] - s[0]))
-        ax.bar(xs, means, width, yerr=[lows, highs], capsize=4, label=label, color=colour)
+                means.append(s.mean)
+                errors.append(0.0 if s.ci_high is None else s.ci_high - s.mean)
+        ax.bar(xs, means, width, yerr=errors, capsize=4, label=label, color=colour)
     ax.set_ylim(bottom=0)
     ax.set_xticks(range(len(backbones)), backbones)
-    ax.set(ylabel=f"{metric} (%)", title=f"Detection {metric}, mean over seeds {results['seeds']} (bars: min / max)")
+    ax.set(ylabel=f"{metric} (%)", title=f"Detection {metric}, mean over seeds {results['seeds']} (bars: 95 % CI)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=100)

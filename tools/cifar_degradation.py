@@ -1,0 +1,182 @@
+"""The paper's Figure 6 at small scale: training and test error of plain vs residual CIFAR nets, over seeds.
+
+    python tools/cifar_degradation.py --class-subset 20                 # plain20/56, resnet20/56 x seeds 0 1 2
+    python tools/cifar_degradation.py --nets plain20 plain32 plain44 plain56 resnet20 resnet32 resnet44 resnet56
+    python tools/cifar_degradation.py --config configs/cls/cifar10_resnet_paper.yaml \
+        --output-dir outputs/cifar10_degradation data.root=/data/cifar-10-batches-py device=cuda   # the real thing
+
+For every seed x net, tools/train_cls.py runs in-process (`main(argv)`) with the given config and overrides plus
+model.backbone.name, train.seed and output_dir=<output-dir>/<net>/seed<k>. A run whose metrics.json exists is not
+redone (one with only last.pth is resumed), so rerunning the command continues an interrupted experiment.
+`--class-subset N` trains on the first N (sorted) classes of a tiny-imagenet format data.root (symlinks in
+<output-dir>/data/). Writes to <output-dir>: results.json (final errors per run, statistics, comparisons),
+results.md, reproduction.json (experiments cifar_degradation_train_error and cifar_test_error, in percent: the
+final training error is 100 - the last epoch's training top-1, on augmented crops in train mode; the test error
+is 100 - the final val top-1), degradation.png (per net, mean over seeds: training error dashed, test error bold)
+and runs.log.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[0]))  # the sibling tools
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import train_cls  # noqa: E402
+import transfer  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.output import HISTORY  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "cls" / "tiny32_cifar_style.yaml"
+DEFAULT_NETS = ("plain20", "plain56", "resnet20", "resnet56")
+METRICS, WALL_TIME, RUN_LOG = "metrics.json", "wall_time.json", "runs.log"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="train_cls.py config")
+    parser.add_argument("--nets", nargs="+", default=list(DEFAULT_NETS), help="CIFAR net names")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--class-subset", type=int, help="first N classes of a tiny-imagenet data.root")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/cifar_degradation"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="train_cls.py config overrides")
+    args = parser.parse_args(argv)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = list(args.overrides)
+    if args.class_subset:
+        data = load_config(train_cls.DEFAULT_CONFIG, args.config, overrides).data
+        subset = transfer.tiny_imagenet_subset(Path(data.root), args.class_subset, out / "data", data.format)
+        overrides.append(f"data.root={subset}")
+
+    start, ran, runs = time.time(), [], []
+    for seed in args.seeds:  # seed-major: a run stopped early has every net for the first seeds
+        for net in args.nets:
+            run_dir = out / net / f"seed{seed}"
+            argv_run = [f"--config={args.config}", *overrides, f"model.backbone.name={net}", f"train.seed={seed}",
+                        f"output_dir={run_dir}"]
+            metrics, wall = _run(argv_run, run_dir, out, start, ran)
+            train_top1 = metrics.get("train_top1")
+            runs.append({"net": net, "seed": seed, "test_error": 100 - metrics["top1"],
+                         "train_error": None if train_top1 is None else 100 - train_top1, "wall_s": wall,
+                         "history": str(run_dir / HISTORY)})
+
+    experiments = {
+        "cifar_degradation_train_error": _experiment("final training error (%, last epoch, augmented crops)",
+                                                     runs, "train_error"),
+        "cifar_test_error": _experiment("final test error (%)", runs, "test_error"),
+    }
+    summary_rows = transfer.summaries(experiments)
+    comparison_rows = transfer.compare_pairs(experiments, [(name, a, b) for name in experiments
+                                                           for a, b in orderings(args.nets)])
+    results = {"nets": args.nets, "seeds": args.seeds, "config": str(args.config), "overrides": overrides,
+               "runs": runs, "summaries": summary_rows, "comparisons": comparison_rows, "runs_done": ran,
+               "wall_s": time.time() - start}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "reproduction.json").write_text(json.dumps({"experiments": experiments}, indent=2) + "\n")
+    walls = [r["wall_s"] for r in runs if r["wall_s"]]
+    markdown = [f"# Degradation (Figure 6): {' '.join(args.nets)} x seeds {args.seeds}", "",
+                f"`{args.config}` {' '.join(overrides)}; errors in percent, statistics over seeds.", "",
+                *transfer.statistics_markdown(summary_rows, comparison_rows), "",
+                f"{len(runs)} runs, {_fmt(sum(walls))} of training in all."]
+    (out / "results.md").write_text("\n".join(markdown) + "\n")
+    plot_degradation(runs, out / "degradation.png")
+    print((out / "results.md").read_text())
+    print(f"[cifar_degradation] done: {len(ran)} run(s) trained; results in {out}")
+    return results
+
+
+def orderings(nets: list[str]) -> list[tuple[str, str]]:
+    """(A, B) pairs where the paper expects A to have the lower error: a shallower plain net beats a deeper one
+    (the degradation problem), a deeper ResNet beats a shallower one, and a ResNet beats its plain twin."""
+    depth = {net: int(re.sub(r"\D", "", net)) for net in nets}
+    plain = sorted((n for n in nets if n.startswith("plain")), key=depth.get)
+    resnet = sorted((n for n in nets if n.startswith("resnet")), key=depth.get)
+    pairs = [(a, b) for a, b in zip(plain, plain[1:])]
+    pairs += [(b, a) for a, b in zip(resnet, resnet[1:])]
+    pairs += [(r, f"plain{depth[r]}") for r in resnet if f"plain{depth[r]}" in nets]
+    return pairs
+
+
+def _experiment(metric: str, runs: list[dict], key: str) -> dict:
+    return {"metric": metric, "higher_is_better": False,
+            "runs": [{"condition": r["net"], "seed": r["seed"], "value": r[key]} for r in runs if r[key] is not None]}
+
+
+def _run(argv: list[str], run_dir: Path, out: Path, start: float, ran: list[str]) -> tuple[dict, float | None]:
+    """train_cls.main into `run_dir` unless its metrics.json exists; (metrics, wall seconds of the run)."""
+    name = str(run_dir.relative_to(out))
+    if (run_dir / METRICS).is_file():
+        _log(out, f"[cifar_degradation {_fmt(time.time() - start)}] {name}: done before, skipped")
+        wall_file = run_dir / WALL_TIME
+        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else None
+        return json.loads((run_dir / METRICS).read_text()), wall
+    if (run_dir / "last.pth").is_file():
+        argv = ["--resume", *argv]
+    _log(out, f"[cifar_degradation {_fmt(time.time() - start)}] {name}: running {' '.join(argv)}")
+    t0 = time.time()
+    metrics = train_cls.main(argv)
+    wall = time.time() - t0
+    (run_dir / WALL_TIME).write_text(json.dumps({"seconds": wall}) + "\n")
+    ran.append(name)
+    gc.collect()
+    _log(out, f"[cifar_degradation {_fmt(time.time() - start)}] {name}: finished in {_fmt(wall)}")
+    return metrics, wall
+
+
+def _log(out: Path, line: str) -> None:
+    print(line, flush=True)
+    with open(out / RUN_LOG, "a") as f:
+        f.write(line + "\n")
+
+
+def _fmt(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def _mean_curve(histories: list[Path], key: str) -> list[tuple[int, float]]:
+    """(iteration, mean over runs) of `key` in history.jsonl files, at iterations every run logged."""
+    by_iteration: dict[int, list[float]] = defaultdict(list)
+    for history in histories:
+        for line in history.read_text().splitlines():
+            record = json.loads(line) if line else {}
+            if record.get(key) is not None:
+                by_iteration[record["iteration"]].append(record[key])
+    return [(it, sum(v) / len(v)) for it, v in sorted(by_iteration.items()) if len(v) == len(histories)]
+
+
+def plot_degradation(runs: list[dict], path: Path) -> None:
+    """Figure 6 of the paper: plain nets (left), ResNets (right); dashed = training error, bold = test error."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    nets = list(dict.fromkeys(r["net"] for r in runs))
+    for ax, family in zip(axes, ("plain", "resnet")):
+        for k, net in enumerate(n for n in nets if n.startswith(family)):
+            histories = [Path(r["history"]) for r in runs if r["net"] == net and Path(r["history"]).is_file()]
+            colour = f"C{k}"
+            for key, style, label in (("train/error", dict(ls="--", lw=1), "train"),
+                                      ("val/error", dict(lw=2.5, marker="o", ms=3), "test")):
+                curve = _mean_curve(histories, key) if histories else []
+                if curve:
+                    ax.plot(*zip(*curve), color=colour, label=f"{net} {label}", **style)
+        ax.set(xlabel="iteration", title="plain networks" if family == "plain" else "ResNets")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    axes[0].set_ylabel("error (%)")
+    fig.suptitle("Mean over seeds: dashed = training error, bold = test error")
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
