@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 loaded.append((image_id, path, as_rgb_array(path)))
             except DatasetError as error:
-                unreadable.append(f"{path}: {error}")
+                unreadable.append(str(error))  # names the file
         arrays = [array for _, _, array in loaded]
         results = [] if not arrays else predictor(arrays, batch_size) if task == "detection" else predictor(arrays)
         for (image_id, path, array), result in zip(loaded, results):
