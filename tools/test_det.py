@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(_jsonable(metrics), indent=2, allow_nan=False) + "\n")
         plot = out.with_name("pr_curves.png")
-        plot_pr_curves(evaluator.pr_curves, metrics["AP50_per_class" if "AP50_per_class" in metrics else "AP_per_class"],
-                       plot)
+        ap_key = "AP50_per_class" if "AP50_per_class" in metrics else "AP_per_class"  # COCO: AP at IoU .5
+        plot_pr_curves(evaluator.pr_curves, metrics[ap_key], plot, ap_name=ap_key.removesuffix("_per_class"))
         print(format_per_class_table(metrics["AP_per_class"]))
         if "AP" in metrics:
             print("\n".join(f"{key:6s} {metrics[key]:.4f}" for key in metrics if isinstance(metrics[key], float)))
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ap: dict[str, float], path: Path) -> None:
+def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ap: dict[str, float], path: Path,
+                   ap_name: str = "AP") -> None:
     """One small precision-recall panel per class (IoU 0.5), titled with its AP, so weak classes stand out."""
     cols = min(len(curves), 5) or 1
     rows = max(1, math.ceil(len(curves) / cols))
@@ -120,7 +121,7 @@ def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ap: dict[st
         ax.set_xlabel("recall")
     for ax in axes[:, 0]:
         ax.set_ylabel("precision")
-    fig.suptitle("precision-recall per class at IoU 0.5 (title: AP, %)")
+    fig.suptitle(f"precision-recall per class at IoU 0.5 (title: {ap_name}, %)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
