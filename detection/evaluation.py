@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +80,7 @@ class CocoEvaluator:
         self.cat_ids = [int(c) for c in cat_ids]
         self.backend = backend
         self.predictions: list[dict] = []
+        self.pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # {class: (recall, precision)} after compute
 
     def update(self, image_id: int, boxes: Array, scores: Array, labels: Array) -> None:
         """Detections of one image: boxes xyxy in original-image pixels, labels contiguous 1..K."""
@@ -92,9 +94,10 @@ class CocoEvaluator:
         """Add `predictions` of another evaluator (e.g. all-gathered from other ranks)."""
         self.predictions.extend(predictions)
 
-    def compute(self) -> dict[str, float]:
-        """The 12 COCO stats; with no predictions COCOeval's own convention holds: 0 where there is ground truth,
-        -1 where an area range has none."""
+    def compute(self) -> dict:
+        """The 12 COCO stats, then per class AP (IoU .5:.95) and AP50 (nan without ground truth); the IoU-0.5
+        precision-recall curves are left in `pr_curves`. With no predictions COCOeval's own convention holds:
+        0 where there is ground truth, -1 where an area range has none."""
         coco_cls, eval_cls = _coco_backend(self.backend)
         # COCOeval writes into the annotation dicts and loadRes into the detections: hand it copies
         gt_dict = {**self.coco_gt, "annotations": [dict(a) for a in self.coco_gt.get("annotations", [])]}
@@ -112,7 +115,24 @@ class CocoEvaluator:
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
-        return {name: float(value) for name, value in zip(COCO_STATS, coco_eval.stats)}
+        metrics: dict = {name: float(value) for name, value in zip(COCO_STATS, coco_eval.stats)}
+        names = {c["id"]: str(c["name"]) for c in gt_dict["categories"]}
+        self.pr_curves = per_class_pr(coco_eval, names)
+        # COCOeval marks a class without ground truth with -1: nan here, as VOCEvaluator does
+        precision = np.where(coco_eval.eval["precision"] < 0, np.nan, coco_eval.eval["precision"])[:, :, :, 0, -1]
+        with warnings.catch_warnings():  # [IoU, recall, class] at area "all", 100 detections
+            warnings.simplefilter("ignore", RuntimeWarning)  # the mean of an all-nan slice: a class without GT
+            metrics["AP_per_class"] = dict(zip(self.pr_curves, np.nanmean(precision, axis=(0, 1)).tolist()))
+            metrics["AP50_per_class"] = dict(zip(self.pr_curves, np.nanmean(precision[0], axis=0).tolist()))
+        return metrics
+
+
+def per_class_pr(coco_eval, names: dict[int, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{class name: (recall, precision)} of an evaluated COCOeval at IoU 0.5, all areas, 100 detections: its
+    101-point interpolated curve (precision -1 where the class has no ground truth), classes in id order."""
+    recall = np.asarray(coco_eval.params.recThrs)
+    return {names.get(int(c), str(c)): (recall, coco_eval.eval["precision"][0, :, k, 0, -1].copy())
+            for k, c in enumerate(coco_eval.params.catIds)}
 
 
 def records_to_coco(records: Sequence[ImageRecord], class_names: Sequence[str],
@@ -153,12 +173,20 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
 
 def _class_ap(detections: list[Detection], gt: dict[int, tuple[torch.Tensor, np.ndarray]], use_07_metric: bool,
               iou_threshold: float = 0.5) -> float:
-    """One class, `gt` = {image_id: (boxes, difficult)} of the images that have it: rank by score, match each
+    """VOC AP of one class (nan without non-difficult ground truth); see `_class_pr`."""
+    curve = _class_pr(detections, gt, iou_threshold)
+    return math.nan if curve is None else voc_ap(*curve, use_07_metric)
+
+
+def _class_pr(detections: list[Detection], gt: dict[int, tuple[torch.Tensor, np.ndarray]],
+              iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray] | None:
+    """(recall, precision) down the ranked detections of one class, None without non-difficult ground truth.
+    `gt` = {image_id: (boxes, difficult)} of the images that have it: rank by score, match each
     detection to its highest-IoU ground truth (if IoU >= threshold).
     Difficult matches count as neither TP nor FP; a ground truth matched twice makes the later one a FP."""
     num_positives = sum(int((~difficult).sum()) for _, difficult in gt.values())
     if num_positives == 0:
-        return math.nan
+        return None
     detections = sorted(detections, key=lambda d: -d.score)  # stable: ties keep arrival order
     best: list[tuple[float, int]] = [(0.0, -1)] * len(detections)
     by_image: dict[int, list[int]] = defaultdict(list)
@@ -183,7 +211,7 @@ def _class_ap(detections: list[Detection], gt: dict[int, tuple[torch.Tensor, np.
             tp[rank] = matched[d.image_id][j] = 1
     tp, fp = np.cumsum(tp), np.cumsum(fp)
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return voc_ap(tp / num_positives, precision, use_07_metric)
+    return tp / num_positives, precision
 
 
 class VOCEvaluator:
@@ -195,6 +223,7 @@ class VOCEvaluator:
         self.class_names = list(class_names)
         self.use_07_metric = use_07_metric
         self.predictions: list[Detection] = []
+        self.pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # {class: (recall, precision)} after compute
 
     def update(self, image_id: int, boxes: Array, scores: Array, labels: Array) -> None:
         """Detections of one image: boxes xyxy in original-image pixels, labels contiguous 1..K."""
@@ -208,7 +237,7 @@ class VOCEvaluator:
         self.predictions.extend(Detection(*p) for p in predictions)
 
     def compute(self) -> dict:
-        """{"mAP": float, "AP_per_class": {name: float}}."""
+        """{"mAP": float, "AP_per_class": {name: float}}; the curves behind them are left in `pr_curves`."""
         known = {r.image_id for r in self.records}
         by_class: dict[int, list[Detection]] = defaultdict(list)
         for d in self.predictions:
@@ -222,8 +251,12 @@ class VOCEvaluator:
             for label in np.unique(r.labels).tolist():
                 mask = r.labels == label
                 gt_by_class[label][r.image_id] = (torch.as_tensor(r.boxes[mask], dtype=torch.float64), r.ignore[mask])
-        per_class = {name: _class_ap(by_class[label], gt_by_class[label], self.use_07_metric)
-                     for label, name in enumerate(self.class_names, start=1)}
+        curves = {name: _class_pr(by_class[label], gt_by_class[label])
+                  for label, name in enumerate(self.class_names, start=1)}
+        per_class = {name: math.nan if curve is None else voc_ap(*curve, self.use_07_metric)
+                     for name, curve in curves.items()}
+        empty = (np.zeros(0), np.zeros(0))
+        self.pr_curves = {name: curve or empty for name, curve in curves.items()}  # for plots: rank by rank
         valid = [ap for ap in per_class.values() if not math.isnan(ap)]
         return {"mAP": float(np.mean(valid)) if valid else math.nan, "AP_per_class": per_class}
 

@@ -170,6 +170,13 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
     return model
 
 
+def to_channels_last(model: FasterRCNN) -> FasterRCNN:
+    """Conv weights in NHWC, and the batch entering the backbone too: the batching transform copies the
+    images into a fresh NCHW tensor, so a pre-hook converts it where the network starts."""
+    model.to(memory_format=torch.channels_last)
+    model.backbone.register_forward_pre_hook(lambda module, args: (args[0].contiguous(memory_format=torch.channels_last),))
+    return model
+
 
 def load_detector_weights(model: nn.Module, checkpoint: str | Path) -> None:
     """ResDet checkpoints keep the model under "model"; torchvision's files are the bare state dict."""

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
+
+ImageInput = str | Path | np.ndarray | Image.Image
+"""What the predictors take: a file, an HxWx3 uint8 RGB (or HxW grey) array, or a PIL image."""
 
 EXIF_HINT = ("an EXIF orientation tag is the likely cause: ResDet reads pixels as stored and ignores the tag, as the "
              "COCO/VOC tools do; re-save the image with the rotation applied and the tag removed "
@@ -48,3 +52,19 @@ def inside(folder: str | Path, name: str, where: str) -> Path:
         raise DatasetError(f"{where}: file name {name!r} points outside the image folder {folder}; "
                            "annotation file names must be relative paths inside it")
     return Path(folder) / name
+
+
+def as_rgb_array(image: ImageInput) -> np.ndarray:
+    """HxWx3 uint8 RGB from any predictor input, pixels as the datasets see them: files through `read_image`,
+    PIL images as stored (the EXIF orientation ignored, the module's policy), arrays taken as they are (grey
+    expanded to 3 channels)."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {array.dtype} {array.shape}")
+    return array

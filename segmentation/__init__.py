@@ -1,0 +1,4 @@
+"""Semantic segmentation on ResDet backbones: models, datasets, mIoU, and `Predictor` for trained runs."""
+from .predictor import Predictor, Segmentation
+
+__all__ = ["Predictor", "Segmentation"]

@@ -82,8 +82,10 @@ def test_coco_evaluator_matches_pycocotools(shapes, backend, tmp_path, caplog):
         stats = merged.compute()
     assert "dropped 1 predictions" in caplog.text
 
-    assert list(stats) == list(COCO_STATS)
-    np.testing.assert_allclose(list(stats.values()), expected, rtol=0, atol=1e-12)
+    assert list(stats) == [*COCO_STATS, "AP_per_class", "AP50_per_class"]
+    np.testing.assert_allclose([stats[k] for k in COCO_STATS], expected, rtol=0, atol=1e-12)
+    assert list(stats["AP_per_class"]) == names  # and COCO AP is the mean of the classes' APs
+    assert np.mean(list(stats["AP_per_class"].values())) == pytest.approx(stats["AP"], abs=1e-12)
     assert 0.2 < stats["AP"] < 0.95 and stats["APl"] == -1  # non-trivial; no large objects in 96 px images
     assert evaluator.compute() == stats
 
@@ -93,7 +95,8 @@ def test_coco_zero_predictions(shapes):
     gt = records_to_coco(records, names, cat_ids)
     results = [CocoEvaluator(gt, cat_ids, backend=b).compute() for b in BACKENDS]
     assert results[0] == results[1]
-    assert all(v == 0.0 for k, v in results[0].items() if k not in ("APl", "ARl"))
+    assert all(results[0][k] == 0.0 for k in COCO_STATS if k not in ("APl", "ARl"))
+    assert set(results[0]["AP_per_class"].values()) == {0.0}
     assert results[0]["APl"] == results[0]["ARl"] == -1
 
 

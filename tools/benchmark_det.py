@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from backbones import fold_batchnorm  # noqa: E402
-from detection.models import build_detector  # noqa: E402
+from detection.models import build_detector, to_channels_last  # noqa: E402
 
 NUM_CLASSES = 90  # COCO's foreground classes; torchvision counts 91 with the background
 INFER_VARIANTS = ("torchvision", "ours", "ours_fold", "ours_fold_channels_last")
@@ -103,14 +103,6 @@ def build_model(name: str, settings: dict, weights: str | Path, *, fold: bool = 
         fold_batchnorm(model.eval())
     if channels_last:
         to_channels_last(model)
-    return model
-
-
-def to_channels_last(model: FasterRCNN) -> FasterRCNN:
-    """Conv weights in NHWC, and the batch entering the backbone too: the batching transform copies the
-    images into a fresh NCHW tensor, so a pre-hook converts it where the network starts."""
-    model.to(memory_format=torch.channels_last)
-    model.backbone.register_forward_pre_hook(lambda module, args: (args[0].contiguous(memory_format=torch.channels_last),))
     return model
 
 

@@ -1,20 +1,30 @@
 """Evaluate a detection checkpoint: ResDet's last.pth, or a torchvision Faster R-CNN state dict.
 
     python tools/test_det.py --config outputs/det_default/config.yaml --checkpoint outputs/det_default/last.pth
+    python tools/test_det.py --config ... --checkpoint ... eval.scales=[0.75,1.0,1.25] eval.flip=true  # TTA
     # torchvision's published R50-FPN COCO weights (37.0 AP) through our model and evaluator:
-    python tools/test_det.py --config configs/det/r50_fpn_coco.yaml --checkpoint fasterrcnn_resnet50_fpn_coco-258fb6c6.pth \
+    python tools/test_det.py --config configs/det/r50_fpn_coco.yaml --checkpoint fasterrcnn_resnet50_fpn_coco-258fb6c6.pth \\
         --coco91 model.num_classes=90 data.min_size=[800]
 
-Writes the metrics as JSON (default: test_metrics.json beside the checkpoint) and prints them.
+Writes the metrics as JSON (default: test_metrics.json beside the checkpoint) with AP per class, and a
+precision-recall curve per class (IoU 0.5) as pr_curves.png beside it, and prints them. With test-time
+augmentation (`eval.scales`, `eval.flip`) the plain single-scale evaluation runs too and the gain is reported
+under "tta".
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Subset
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -26,6 +36,7 @@ from detection.models import build_detector, load_detector_weights  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
 from engine.loop import amp_dtype  # noqa: E402
+from engine.output import jsonable  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
@@ -34,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="a run's config.yaml or any detection config")
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--out", type=Path, help="metrics JSON (default: test_metrics.json beside the checkpoint)")
+    parser.add_argument("--out", type=Path, help="metrics JSON (default: test_metrics.json beside the checkpoint); "
+                                                 "pr_curves.png goes beside it")
     parser.add_argument("--coco91", action="store_true",
                         help="the model's labels are COCO category ids 1..90 (torchvision's COCO weights)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -56,22 +68,68 @@ def main(argv: list[str] | None = None) -> dict:
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
     model = build_detector(cfg.model).to(device)
     load_detector_weights(model, args.checkpoint)
-    if args.coco91:
-        evaluator = CocoEvaluator(cfg.data.val.annotations, list(range(1, 91)), backend=cfg.eval.backend)
-    else:
-        evaluator = build_evaluator(cfg.eval.metric, cfg.eval.backend, cfg.data, records, class_names, cat_ids)
-    metrics = evaluate(model, loader, evaluator, device, amp_dtype=amp_dtype(cfg.train.amp, device))
+
+    def run(scales: list[float], flip: bool) -> tuple[dict, CocoEvaluator]:
+        if args.coco91:
+            evaluator = CocoEvaluator(cfg.data.val.annotations, list(range(1, 91)), backend=cfg.eval.backend)
+        else:
+            evaluator = build_evaluator(cfg.eval.metric, cfg.eval.backend, cfg.data, records, class_names, cat_ids)
+        metrics = evaluate(model, loader, evaluator, device, amp_dtype=amp_dtype(cfg.train.amp, device),
+                           scales=scales, flip=flip)
+        return metrics, evaluator
+
+    tta = list(cfg.eval.scales) != [1.0] or cfg.eval.flip
+    metrics, evaluator = run(list(cfg.eval.scales), cfg.eval.flip)
+    if tta:
+        single, _ = run([1.0], False)
+        if is_main_process():
+            key = "AP" if "AP" in metrics else "mAP"
+            metrics["tta"] = {"scales": list(cfg.eval.scales), "flip": cfg.eval.flip, "metric": key,
+                              "single_scale": single[key], "gain": metrics[key] - single[key]}
 
     if is_main_process():
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
-        if "AP_per_class" in metrics:
-            print(format_per_class_table(metrics["AP_per_class"]))
-            print(f"mAP = {metrics['mAP']:.4f}")
+        out.write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n")
+        plot = out.with_name("pr_curves.png")
+        ap_key = "AP50_per_class" if "AP50_per_class" in metrics else "AP_per_class"  # COCO: AP at IoU .5
+        plot_pr_curves(evaluator.pr_curves, metrics[ap_key], plot, ap_name=ap_key.removesuffix("_per_class"))
+        print(format_per_class_table(metrics["AP_per_class"]))
+        if "AP" in metrics:
+            print("\n".join(f"{key:6s} {metrics[key]:.4f}" for key in metrics if isinstance(metrics[key], float)))
         else:
-            print("\n".join(f"{key:6s} {value:.4f}" for key, value in metrics.items()))
-        print(f"written to {out}")
+            print(f"mAP = {metrics['mAP']:.4f}")
+        if tta:
+            t = metrics["tta"]
+            print(f"test-time augmentation (scales {t['scales']}, flip {t['flip']}): {t['metric']} "
+                  f"{metrics[t['metric']]:.4f} vs {t['single_scale']:.4f} single-scale, gain {t['gain']:+.4f}")
+        print(f"written to {out} and {plot}")
     cleanup()
     return metrics
+
+
+def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ap: dict[str, float], path: Path,
+                   ap_name: str = "AP") -> None:
+    """One small precision-recall panel per class (IoU 0.5), titled with its AP, so weak classes stand out."""
+    cols = min(len(curves), 5) or 1
+    rows = max(1, math.ceil(len(curves) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False, sharex=True, sharey=True)
+    for ax, (name, (recall, precision)) in zip(axes.flat, curves.items()):
+        valid = precision >= 0  # COCOeval: -1 beyond the reached recall / without ground truth
+        ax.plot(recall[valid], precision[valid])
+        value = ap.get(name, math.nan)
+        ax.set_title(f"{name}: {'n/a' if math.isnan(value) else f'{100 * value:.1f}'}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("recall")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("precision")
+    fig.suptitle(f"precision-recall per class at IoU 0.5 (title: {ap_name}, %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
