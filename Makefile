@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) tools/train_det.py
+	$(PY) tools/train_det.py --overwrite
 
 test: install
 	$(PY) -m pytest -q
