@@ -1,4 +1,5 @@
-"""A tiny trained detection run shared by tests/test_predict.py and tests/test_export.py (trained once)."""
+"""Shared by the test modules: one torch thread, and a tiny trained detection run (trained once, used by
+tests/test_predict.py and tests/test_export.py)."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +9,17 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in every test module: on 2 shared cores OpenMP threads waiting on each other made steps
+    ~10x slower, and in-process runs compared bit for bit with subprocesses (OMP_NUM_THREADS=1) need the same
+    thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

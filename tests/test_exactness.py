@@ -46,14 +46,6 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert (a / "history.jsonl").read_text() == (b / "history.jsonl").read_text()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Subprocess and in-process runs must use the same number of threads to be bitwise comparable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:

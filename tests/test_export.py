@@ -18,13 +18,6 @@ from detection import Predictor  # noqa: E402
 from engine.images import read_image  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run_export(run: Path, fmt: str, out: Path, *extra: str) -> dict:
     return export.main(["--config", str(run / "config.yaml"), "--checkpoint", str(run / "last.pth"), "--format", fmt,

@@ -26,13 +26,6 @@ from segmentation.evaluation import multiscale_flip_inference  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def val_images(run: Path) -> list[Path]:
     root = run.parent / "shapes"

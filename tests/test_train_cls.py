@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,6 @@ OVERFIT_EPOCHS = 12
 def _history(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "history.jsonl").read_text().splitlines()]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Shared 2-core machines: with other jobs running, two OpenMP threads stall each other (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,6 @@ SHAPES = "data.synthetic.enabled=true"  # the generated demo set in data.root
 TINY = ["data.num_workers=0", "data.crop_size=48", "train.batch_size=2", "data.val_limit=3", "train.log_every=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On 2 shared cores, OpenMP threads waiting on each other made each step ~10x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]

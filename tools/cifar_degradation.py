@@ -18,7 +18,6 @@ and runs.log.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import re
 import sys
@@ -39,7 +38,7 @@ from engine.output import HISTORY  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "cls" / "tiny32_cifar_style.yaml"
 DEFAULT_NETS = ("plain20", "plain56", "resnet20", "resnet56")
-METRICS, WALL_TIME, RUN_LOG = "metrics.json", "wall_time.json", "runs.log"
+RUN_LOG = "runs.log"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,9 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:  # seed-major: a run stopped early has every net for the first seeds
         for net in args.nets:
             run_dir = out / net / f"seed{seed}"
-            argv_run = [f"--config={args.config}", *overrides, f"model.backbone.name={net}", f"train.seed={seed}",
-                        f"output_dir={run_dir}"]
-            metrics, wall = _run(argv_run, run_dir, out, start, ran)
+            argv_run = [f"--config={args.config}", *overrides, f"model.backbone.name={net}", f"train.seed={seed}"]
+            metrics, wall = transfer.run_stage(train_cls.main, argv_run, run_dir, out, start, ran,
+                                               tag="cifar_degradation", log_name=RUN_LOG)
             train_top1 = metrics.get("train_top1")
             runs.append({"net": net, "seed": seed, "test_error": 100 - metrics["top1"],
                          "train_error": None if train_top1 is None else 100 - train_top1, "wall_s": wall,
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     markdown = [f"# Degradation (Figure 6): {' '.join(args.nets)} x seeds {args.seeds}", "",
                 f"`{args.config}` {' '.join(overrides)}; errors in percent, statistics over seeds.", "",
                 *transfer.statistics_markdown(summary_rows, comparison_rows), "",
-                f"{len(runs)} runs, {_fmt(sum(walls))} of training in all."]
+                f"{len(runs)} runs, {transfer.fmt(sum(walls))} of training in all."]
     (out / "results.md").write_text("\n".join(markdown) + "\n")
     plot_degradation(runs, out / "degradation.png")
     print((out / "results.md").read_text())
@@ -111,37 +110,6 @@ def orderings(nets: list[str]) -> list[tuple[str, str]]:
 def _experiment(metric: str, runs: list[dict], key: str) -> dict:
     return {"metric": metric, "higher_is_better": False,
             "runs": [{"condition": r["net"], "seed": r["seed"], "value": r[key]} for r in runs if r[key] is not None]}
-
-
-def _run(argv: list[str], run_dir: Path, out: Path, start: float, ran: list[str]) -> tuple[dict, float | None]:
-    """train_cls.main into `run_dir` unless its metrics.json exists; (metrics, wall seconds of the run)."""
-    name = str(run_dir.relative_to(out))
-    if (run_dir / METRICS).is_file():
-        _log(out, f"[cifar_degradation {_fmt(time.time() - start)}] {name}: done before, skipped")
-        wall_file = run_dir / WALL_TIME
-        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else None
-        return json.loads((run_dir / METRICS).read_text()), wall
-    if (run_dir / "last.pth").is_file():
-        argv = ["--resume", *argv]
-    _log(out, f"[cifar_degradation {_fmt(time.time() - start)}] {name}: running {' '.join(argv)}")
-    t0 = time.time()
-    metrics = train_cls.main(argv)
-    wall = time.time() - t0
-    (run_dir / WALL_TIME).write_text(json.dumps({"seconds": wall}) + "\n")
-    ran.append(name)
-    gc.collect()
-    _log(out, f"[cifar_degradation {_fmt(time.time() - start)}] {name}: finished in {_fmt(wall)}")
-    return metrics, wall
-
-
-def _log(out: Path, line: str) -> None:
-    print(line, flush=True)
-    with open(out / RUN_LOG, "a") as f:
-        f.write(line + "\n")
-
-
-def _fmt(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
 def _mean_curve(histories: list[Path], key: str) -> list[tuple[int, float]]:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             cls_dir = run_dir / "cls" if cfg.cls.seed is None else out / backbone / f"pretrain_seed{cls_seed}"
             cls_argv = _argv(cfg.cls.config, [*cls_shared, *extra.get("cls", []), f"model.backbone.name={backbone}",
                                               f"train.seed={cls_seed}"])
-            cls_metrics, cls_wall = _stage(train_cls.main, cls_argv, cls_dir, out, start, ran)
+            cls_metrics, cls_wall = run_stage(train_cls.main, cls_argv, cls_dir, out, start, ran)
             if not any(c["backbone"] == backbone and c["seed"] == cls_seed for c in classification):
                 classification.append({"backbone": backbone, "seed": cls_seed, "top1": cls_metrics["top1"],
                                        "top5": cls_metrics.get("top5"), "train_top1": cls_metrics.get("train_top1"),
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                 det_argv = _argv(cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
                                                   f"model.backbone.weights={weights}"])
                 det_dir = run_dir / ("det_pretrained" if pretrained else "det_scratch")
-                det_metrics, det_wall = _stage(train_det.main, det_argv, det_dir, out, start, ran)
+                det_metrics, det_wall = run_stage(train_det.main, det_argv, det_dir, out, start, ran)
                 cells.append({"backbone": backbone, "seed": seed, "pretrained": pretrained,
                               **{k: v for k, v in det_metrics.items() if not isinstance(v, dict)},
                               "cls_top1": cls_metrics["top1"] if pretrained else None,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_transfer(results, out / "transfer.png")
     plot_degradation(classification, out / "degradation.png")
     print((out / "results.md").read_text())
-    print(f"[transfer] done in {_fmt(time.time() - start)}: {len(ran)} stage(s) run; results in {out}")
+    print(f"[transfer] done in {fmt(time.time() - start)}: {len(ran)} stage(s) run; results in {out}")
     return results
 
 
@@ -140,35 +140,37 @@ def _argv(config: str | None, overrides: list[str]) -> list[str]:
     return ([f"--config={config}"] if config else []) + [str(o) for o in overrides]
 
 
-def _stage(tool_main, argv: list[str], stage_dir: Path, out: Path, start: float, ran: list[str]) -> tuple[dict, float]:
-    """Run one tool into `stage_dir` unless its metrics.json exists; return (metrics, wall seconds of the run)."""
-    name = str(stage_dir.relative_to(out))
+def run_stage(tool_main, argv: list[str], stage_dir: Path, out: Path, start: float, ran: list[str], *,
+              tag: str = "transfer", log_name: str = STAGE_LOG) -> tuple[dict, float | None]:
+    """Run one training tool into `stage_dir` unless its metrics.json exists (resuming it when it holds a
+    checkpoint); return (metrics, wall seconds of the run). Progress lines go to stdout and `out/log_name`."""
+    def log(line: str) -> None:
+        line = f"[{tag} {fmt(time.time() - start)}] {stage_dir.relative_to(out)}: {line}"
+        print(line, flush=True)
+        with open(out / log_name, "a") as f:
+            f.write(line + "\n")
+
     if (stage_dir / METRICS).is_file():
         metrics = json.loads((stage_dir / METRICS).read_text())
         wall = json.loads((stage_dir / WALL_TIME).read_text())["seconds"] if (stage_dir / WALL_TIME).is_file() else None
-        _log(out, f"[transfer {_fmt(time.time() - start)}] {name}: done before, skipped")
+        log("done before, skipped")
         return metrics, wall
     argv = [*argv, f"output_dir={stage_dir}"]
     if (stage_dir / "last.pth").is_file():
-        argv.insert(0, "--resume")  # interrupted mid-stage: continue from its last epoch
-    _log(out, f"[transfer {_fmt(time.time() - start)}] {name}: running {' '.join(argv)}")
+        argv.insert(0, "--resume")  # interrupted mid-stage: continue exactly where it stopped
+    log(f"running {' '.join(argv)}")
     t0 = time.time()
     metrics = tool_main(argv)
     wall = time.time() - t0
     (stage_dir / WALL_TIME).write_text(json.dumps({"seconds": wall}) + "\n")
-    ran.append(name)
+    ran.append(str(stage_dir.relative_to(out)))
     gc.collect()
-    _log(out, f"[transfer {_fmt(time.time() - start)}] {name}: finished in {_fmt(wall)}")
+    log(f"finished in {fmt(wall)}")
     return metrics, wall
 
 
-def _log(out: Path, line: str) -> None:
-    print(line, flush=True)
-    with open(out / STAGE_LOG, "a") as f:
-        f.write(line + "\n")
-
-
-def _fmt(seconds: float) -> str:
+def fmt(seconds: float) -> str:
+    """`12m03.4s`."""
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
@@ -281,7 +283,7 @@ def results_markdown(results: dict) -> str:
              *statistics_markdown(results["summaries"], results["comparisons"])]
     cls, cells = results["classification"], results["cells"]
     walls = [c["wall_s"] for c in cls if c["wall_s"]] + [c["det_wall_s"] for c in cells if c["det_wall_s"]]
-    lines += ["", f"{len(cls)} classification and {len(cells)} detection runs, {_fmt(sum(walls))} of training in all."]
+    lines += ["", f"{len(cls)} classification and {len(cells)} detection runs, {fmt(sum(walls))} of training in all."]
     return "\n".join(lines) + "\n"
 
 
