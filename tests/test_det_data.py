@@ -14,6 +14,7 @@ from detection.datasets import (VOC_CLASSES, DatasetError, DetectionDataset, col
 from detection.samplers import GroupedBatchSampler, aspect_ratio_groups
 from detection.synthetic import generate_shapes_dataset
 from detection.transforms import build_det_transforms
+from engine.sampling import SeededDataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -244,14 +245,17 @@ def test_synthetic_through_dataset_and_loader(tmp_path):
         assert len(boxes) >= 1 and (boxes[:, 2:] <= img.shape[1]).all() and (boxes[:, :2] >= 0).all()
 
 
-def test_workers_draw_different_augmentations(tmp_path):
+def test_each_sample_draws_its_own_augmentation_in_any_worker(tmp_path):
+    """The training path (engine.sampling): a sample's augmentation depends on its seed only, so two workers
+    never repeat each other's draws and a worker count never changes what a sample looks like."""
     root = generate_shapes_dataset(tmp_path, num_train=12, num_val=0, image_size=32)
     records, _, _ = load_coco_records(root / "train", root / "annotations" / "instances_train.json")
-    dataset = DetectionDataset(records, build_det_transforms(True, list(range(8, 48, 4)), 96))
-    torch.manual_seed(0)
-    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate)
+    dataset = SeededDataset(DetectionDataset(records, build_det_transforms(True, list(range(8, 48, 4)), 96)))
+    keys = [(0, seed) for seed in range(8)]  # one image, eight seeds
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate, sampler=keys)
     sizes = [images[0].shape[1] for images, _ in loader]  # worker 0 serves even batches, worker 1 odd ones
-    assert sizes[0::2] != sizes[1::2]
+    assert sizes[0::2] != sizes[1::2] and len(set(sizes)) > 2
+    assert sizes == [dataset[key][0].shape[1] for key in keys]  # in the main process: the same draws
 
 
 # ---------------------------------------------------------------- grouped batching
