@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import backbone_info  # noqa: E402
 import test_det  # noqa: E402
+import train_cls  # noqa: E402
+import train_det  # noqa: E402
+import train_seg  # noqa: E402
 import transfer  # noqa: E402
 import visualize_det  # noqa: E402
 
@@ -182,7 +185,61 @@ def existing_checkpoint(tmp: Path) -> Path:
     return tmp / "ckpt.pth"
 
 
+def earlier_run(tmp: Path, overrides: tuple[str, ...] = ()) -> Path:
+    """tmp/runs/r holding a train_det checkpoint whose saved config is the default (plus `overrides`)."""
+    run = tmp / "runs" / "r"
+    run.mkdir(parents=True)
+    cfg = load_config(CONFIGS["det"], None, ["data.synthetic.enabled=true", f"output_dir={run}", *overrides])
+    torch.save({"model": {}, "iteration": 3, "config": OmegaConf.to_container(cfg, resolve=True)}, run / "last.pth")
+    return run
+
+
+def trainer(main: Callable, *argv: str, prepare: Callable[[Path], object] = lambda tmp: None):
+    """A training tool's main(argv) in-process after `prepare(tmp)`; `{tmp}` in an argument is the test's folder.
+    Runs write under tmp/outputs, which the table's test requires to stay absent: no iteration ran."""
+    def build(tmp: Path) -> Callable[[], object]:
+        prepare(tmp)
+        return lambda: main([a.format(tmp=tmp) for a in ["data.num_workers=0", "output_dir={tmp}/outputs/run", *argv]])
+    return build
+
+
+def user_folder(tmp: Path) -> None:
+    """A folder of the user's own, e.g. a VOC2012 tree without what the tools would read (not a demo set)."""
+    (tmp / "data" / "VOC" / "JPEGImages").mkdir(parents=True)
+    (tmp / "data" / "VOC" / "JPEGImages" / "mine.jpg").write_bytes(jpeg_bytes())
+
+
 BAD_INPUTS = [
+    # --- the training tools: refused before the first iteration, the data folder untouched, no run folder
+    ("train_det_demo_into_user_folder", trainer(train_det.main, "data.synthetic.enabled=true",
+                                                "data.root={tmp}/data/VOC", prepare=user_folder),
+     DatasetError, r"generated demo set into data\.root=.*data/VOC, which holds other files"),
+    ("train_det_voc_root_no_config", trainer(train_det.main, "data.format=voc", "data.root={tmp}/data/VOC",
+                                             prepare=user_folder), DatasetError, r"VOC/ImageSets/Main/trainval\.txt"),
+    ("train_seg_voc_root_no_config", trainer(train_seg.main, "data.format=voc", "data.root={tmp}/data/VOC",
+                                             prepare=user_folder), DatasetError, r"data/VOC.*Segmentation"),
+    ("train_cls_tiny_imagenet_root", trainer(train_cls.main, "data.format=tiny-imagenet", "data.root={tmp}/data/VOC",
+                                             prepare=user_folder), Exception, r"data/VOC/(train|wnids)"),
+    ("train_det_into_an_earlier_run", lambda tmp: (earlier_run(tmp), cli(train_det.main, "output_dir={tmp}/runs/r")(tmp))[1],
+     FileExistsError, r"runs/r holds an earlier run \(last\.pth\).*--resume.*--overwrite"),
+    ("train_det_resume_other_model", lambda tmp: (earlier_run(tmp), cli(
+        train_det.main, "--resume", "data.synthetic.enabled=true", "output_dir={tmp}/runs/r",
+        "model.backbone.name=resnet34", "train.lr=0.5")(tmp))[1],
+     ValueError, r"(?s)model\.backbone\.name: 'resnet18' -> 'resnet34'.*train\.lr: 0\.02 -> 0\.5"),
+    ("train_seg_eval_only_without_checkpoint", trainer(train_seg.main, "--eval-only"), FileNotFoundError,
+     r"--eval-only: no last\.pth in .*outputs/run"),
+    ("train_cls_resume_and_overwrite", trainer(train_cls.main, "--resume", "--overwrite"), ValueError,
+     r"--resume .* --overwrite .*choose one"),
+    ("train_seg_batch_larger_than_data", trainer(train_seg.main, "data.synthetic.enabled=true", "data.root={tmp}/gen",
+                                                 "data.synthetic.num_train=3", "data.synthetic.num_val=1",
+                                                 "train.batch_size=4", "data.validate=false"),
+     ValueError, r"3 training images make no batch of train\.batch_size=4"),
+    ("train_det_fp16_on_cpu", trainer(train_det.main, "data.synthetic.enabled=true", "data.root={tmp}/gen",
+                                      "data.synthetic.num_train=2", "data.synthetic.num_val=1", "train.amp=fp16"),
+     ValueError, r"train\.amp='fp16'.*needs device=cuda"),
+    ("train_det_lr_steps_mixed", trainer(train_det.main, "data.synthetic.enabled=true", "data.root={tmp}/gen",
+                                         "data.synthetic.num_train=2", "data.synthetic.num_val=1",
+                                         "train.batch_size=2", "train.lr_steps=[0.5,100]"), ValueError, r"lr_steps \[0\.5, 100\] must be all"),
     # --- detection data (COCO json, VOC lists): decoded and checked before the first iteration
     ("det_truncated_jpeg", one_bad_image("truncated_jpeg"), DatasetError, r"a\.jpg.*cannot decode.*truncated"),
     ("det_truncated_header", one_bad_image("truncated_header"), DatasetError, r"a\.jpg.*cannot decode"),
