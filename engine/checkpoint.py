@@ -103,7 +103,8 @@ def find_resume(output_dir: str | Path) -> Path | None:
 SAFE_RESUME_CHANGES = ("train.epochs", "train.iters", "train.log_every", "train.checkpoint_every", "eval.",
                        "data.num_workers", "data.val_limit", "output_dir")
 WORK_FILES = (LAST_CHECKPOINT, "history.jsonl", "metrics.json")  # a folder holding one of these holds a run
-RUN_FILES = (*WORK_FILES, "config.yaml", "resumes.jsonl", "tb")  # what --overwrite deletes
+RUN_FILES = (*WORK_FILES, "config.yaml", "resumes.jsonl", "eval_metrics.json", "invalid_train.txt",
+             "invalid_val.txt", "tb")  # what --overwrite deletes
 
 
 def start_run(output_dir: str | Path, config: Mapping | DictConfig, *, resume: bool = False,

@@ -137,15 +137,15 @@ class TrainingLoop:
         if checkpoint is not None:
             self._restore(checkpoint, weights_only=eval_only)
         resumed = checkpoint is not None and not eval_only
+        if self.total_iters < self.iteration:
+            raise ValueError(f"train.iters / train.epochs give {self.total_iters} iterations, but the run in "
+                             f"{cfg.output_dir} already trained {self.iteration}")
         self.output = RunOutput(cfg.output_dir, cfg, resume_from=self.iteration if resumed else None,
                                 history_lines=checkpoint.get("loop", {}).get("history_lines", 0) if resumed else 0,
                                 write_config=not eval_only)
         if resumed and checkpoint.get("config_changes"):
             self.output.append_record("resumes.jsonl", {"iteration": self.iteration,
                                                         "changed": checkpoint["config_changes"]})
-        if self.total_iters < self.iteration:
-            raise ValueError(f"train.iters / train.epochs give {self.total_iters} iterations, but the run in "
-                             f"{cfg.output_dir} already trained {self.iteration}")
         self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.world_size > 1 else model)
 

@@ -19,7 +19,9 @@ import train_cls  # noqa: E402
 import train_det  # noqa: E402
 import train_seg  # noqa: E402
 
-COMMON = ["data.synthetic.enabled=true", "train.log_every=1", "train.checkpoint_every=3", "eval.every=1"]
+CHECKPOINT_EVERY = 3
+COMMON = ["data.synthetic.enabled=true", "train.log_every=1", f"train.checkpoint_every={CHECKPOINT_EVERY}",
+          "eval.every=1"]
 TOOLS = {
     "det": (train_det, ["data.synthetic.num_train=16", "data.synthetic.num_val=2", "data.synthetic.image_size=64",
                         "data.min_size=[64]", "data.max_size=64", "model.anchor_sizes=[8,16,32,64,128]",
@@ -78,7 +80,9 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tool, data_root, tmp_pa
     module.main(argv(tool, data_root, full, "data.num_workers=0"))
     total = losses_logged(full)
 
-    kill_after = random.Random(os.getpid()).randint(1, total - 2)  # a different moment on every run of the suite
+    # a different moment on every run of the suite, after the first checkpoint (a run killed before any
+    # checkpoint has nothing to resume: `--resume` says so, and the run starts again)
+    kill_after = random.Random(os.getpid()).randint(CHECKPOINT_EVERY + 1, total - 2)
     script = ROOT / "tools" / f"train_{tool}.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, str(script), *argv(tool, data_root, cut, "data.num_workers=2")],
