@@ -70,14 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
         evaluator = build_evaluator(cfg.eval.metric, cfg.eval.backend, cfg.data, val_records, class_names, cat_ids)
         return evaluate(model, val_loader, evaluator, device, amp_dtype=amp)
 
-    group_batches = None
-    if cfg.data.aspect_ratio_grouping:
-        groups = aspect_ratio_groups(train_set.aspect_ratios())
-        group_batches = lambda indices, batch_size: GroupedBatchSampler(indices, groups, batch_size)  # noqa: E731
+    def group_batches(indices, batch_size):  # landscape images batched with landscape ones, portrait with portrait
+        return GroupedBatchSampler(indices, aspect_ratio_groups(train_set.aspect_ratios()), batch_size)
 
     # --- the loop: train (or only evaluate), checkpoint, log
     loop = TrainingLoop(cfg, model, train_set, step=step, evaluate=run_evaluation, checkpoint=checkpoint,
-                        collate_fn=collate, make_batches=group_batches, eval_only=args.eval_only)
+                        collate_fn=collate, make_batches=group_batches if cfg.data.aspect_ratio_grouping else None,
+                        eval_only=args.eval_only)
     metrics = loop.evaluate_only() if args.eval_only else loop.run()
     if is_main_process():
         report(metrics, cfg.output_dir, time.time() - start)
