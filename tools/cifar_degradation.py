@@ -22,10 +22,8 @@ import json
 import re
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
-from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[0]))  # the sibling tools
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -89,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                 *transfer.statistics_markdown(summary_rows, comparison_rows), "",
                 f"{len(runs)} runs, {transfer.fmt(sum(walls))} of training in all."]
     (out / "results.md").write_text("\n".join(markdown) + "\n")
-    plot_degradation(runs, out / "degradation.png")
+    transfer.plot_degradation(runs, out / "degradation.png")
     print((out / "results.md").read_text())
     print(f"[cifar_degradation] done: {len(ran)} run(s) trained; results in {out}")
     return results
@@ -110,40 +108,6 @@ def orderings(nets: list[str]) -> list[tuple[str, str]]:
 def _experiment(metric: str, runs: list[dict], key: str) -> dict:
     return {"metric": metric, "higher_is_better": False,
             "runs": [{"condition": r["net"], "seed": r["seed"], "value": r[key]} for r in runs if r[key] is not None]}
-
-
-def _mean_curve(histories: list[Path], key: str) -> list[tuple[int, float]]:
-    """(iteration, mean over runs) of `key` in history.jsonl files, at iterations every run logged."""
-    by_iteration: dict[int, list[float]] = defaultdict(list)
-    for history in histories:
-        for line in history.read_text().splitlines():
-            record = json.loads(line) if line else {}
-            if record.get(key) is not None:
-                by_iteration[record["iteration"]].append(record[key])
-    return [(it, sum(v) / len(v)) for it, v in sorted(by_iteration.items()) if len(v) == len(histories)]
-
-
-def plot_degradation(runs: list[dict], path: Path) -> None:
-    """Figure 6 of the paper: plain nets (left), ResNets (right); dashed = training error, bold = test error."""
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    nets = list(dict.fromkeys(r["net"] for r in runs))
-    for ax, family in zip(axes, ("plain", "resnet")):
-        for k, net in enumerate(n for n in nets if n.startswith(family)):
-            histories = [Path(r["history"]) for r in runs if r["net"] == net and Path(r["history"]).is_file()]
-            colour = f"C{k}"
-            for key, style, label in (("train/error", dict(ls="--", lw=1), "train"),
-                                      ("val/error", dict(lw=2.5, marker="o", ms=3), "test")):
-                curve = _mean_curve(histories, key) if histories else []
-                if curve:
-                    ax.plot(*zip(*curve), color=colour, label=f"{net} {label}", **style)
-        ax.set(xlabel="iteration", title="plain networks" if family == "plain" else "ResNets")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    axes[0].set_ylabel("error (%)")
-    fig.suptitle("Mean over seeds: dashed = training error, bold = test error")
-    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import json
 import re
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "reproduction.json").write_text(json.dumps({"experiments": experiments}, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     plot_transfer(results, out / "transfer.png")
-    plot_degradation(classification, out / "degradation.png")
+    plot_degradation([{"net": c["backbone"], "history": c["history"]} for c in classification], out / "degradation.png")
     print((out / "results.md").read_text())
     print(f"[transfer] done in {fmt(time.time() - start)}: {len(ran)} stage(s) run; results in {out}")
     return results
@@ -313,36 +314,39 @@ def plot_transfer(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def plot_degradation(classification: list[dict], path: Path) -> None:
-    """The paper's Figure 4: classification error vs iteration, plain nets (left) vs ResNets (right).
+def _mean_curve(histories: list[Path], key: str) -> list[tuple[int, float]]:
+    """(iteration, mean over runs) of `key` in history.jsonl files, at iterations every run logged."""
+    by_iteration: dict[int, list[float]] = defaultdict(list)
+    for history in histories:
+        for line in history.read_text().splitlines():
+            record = json.loads(line) if line else {}
+            if record.get(key) is not None:
+                by_iteration[record["iteration"]].append(record[key])
+    return [(it, sum(v) / len(v)) for it, v in sorted(by_iteration.items()) if len(v) == len(histories)]
 
-    Thin lines: training error (windowed over log_every iterations), one per seed; bold: validation error.
-    """
+
+def plot_degradation(runs: list[dict], path: Path) -> None:
+    """The paper's Figures 4 / 6: classification error vs iteration, plain nets (left), ResNets (right), mean over
+    seeds; dashed = training error (windowed over log_every iterations), bold = validation / test error.
+    `runs`: {"net": name, "history": history.jsonl path} per run."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    colours = {}
-    for ax, family, title in [(axes[0], "plain", "plain networks"), (axes[1], "resnet", "ResNets")]:
-        for run in classification:
-            match = re.fullmatch(rf"{family}(\d+)", run["backbone"])
-            history = Path(run["history"])
-            if match is None or not history.is_file():
-                continue
-            colour = colours.setdefault(int(match.group(1)), f"C{len(colours)}")
-            records = [json.loads(line) for line in history.read_text().splitlines() if line]
-            train = [(r["iteration"], r["train/error"]) for r in records if r.get("train/error") is not None]
-            val = [(r["iteration"], r["val/error"]) for r in records if r.get("val/error") is not None]
-            first = run["seed"] == min(c["seed"] for c in classification if c["backbone"] == run["backbone"])
-            if train:
-                ax.plot(*zip(*train), lw=0.8, alpha=0.7, color=colour,
-                        label=f"{run['backbone']} train" if first else None)
-            if val:
-                ax.plot(*zip(*val), lw=2.2, marker="o", color=colour, label=f"{run['backbone']} val" if first else None)
-        ax.set(xlabel="iteration", title=title)
+    nets = list(dict.fromkeys(r["net"] for r in runs))
+    for ax, family in zip(axes, ("plain", "resnet")):
+        for k, net in enumerate(n for n in nets if n.startswith(family)):
+            histories = [Path(r["history"]) for r in runs if r["net"] == net and Path(r["history"]).is_file()]
+            colour = f"C{k}"
+            for key, style, label in (("train/error", dict(ls="--", lw=1), "train"),
+                                      ("val/error", dict(lw=2.5, marker="o", ms=3), "test")):
+                curve = _mean_curve(histories, key) if histories else []
+                if curve:
+                    ax.plot(*zip(*curve), color=colour, label=f"{net} {label}", **style)
+        ax.set(xlabel="iteration", title="plain networks" if family == "plain" else "ResNets")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
     axes[0].set_ylabel("error (%)")
-    fig.suptitle("Classification pretraining: thin = training error per seed, bold = validation error")
+    fig.suptitle("Mean over seeds: dashed = training error, bold = test error")
     fig.savefig(path, dpi=100)
 
 
