@@ -55,7 +55,9 @@ def test_json_schema(result):
         assert result[side]["images_per_s"] > 0 and len(result[side]["round_seconds"]) == 1
     assert result["ratio"] == pytest.approx(result["ours"]["images_per_s"] / result["torchvision"]["images_per_s"])
     assert set(result["ours"]["stages_ms_per_image"]) == set(bench.STAGES)
-    assert all(ms >= 0 for ms in result["ours"]["stages_ms_per_image"].values())
+    stages = result["ours"]["stages_ms_per_image"]
+    # boxes_and_albumentations is the albumentations call less a re-timed resize and flip: noise can make it < 0
+    assert all(ms >= 0 for stage, ms in stages.items() if stage != "boxes_and_albumentations")
     assert result["settings"] | {"num_images": 3, "min_size": 800, "max_size": 1333, "flip_prob": 0.5,
                                  "batch_size": 2, "threads": 1, "num_workers": 0} == result["settings"]
     assert {"cpu", "cores", "torch", "torchvision", "opencv", "pillow"} <= set(result["hardware"])

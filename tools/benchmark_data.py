@@ -113,8 +113,9 @@ def time_pass(run: Callable[[], Any]) -> float:
 
 
 def stage_times(dataset: DetectionDataset, keys: list[list[tuple[int, int]]]) -> dict[str, float]:
-    """Seconds per stage of ours over one pass, each stage made of the calls the real path makes (the
-    albumentations call less its resize and flip is its box bookkeeping and per-call overhead)."""
+    """Seconds per stage of ours over one pass, each stage made of the calls the real path makes. The
+    albumentations call less its resize and flip (redone alone to time them) is its box bookkeeping and per-call
+    overhead: a difference of timings, which noise can push below zero on tiny images."""
     transform, sums = dataset.transform, dict.fromkeys(STAGES, 0.0)
     resize_step = transform.transforms[0]
     for batch in keys:
