@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.images import DatasetError, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
+from engine.images import DatasetError, image_to_tensor, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
 from engine.validation import FileCheck, validate_files
 
 logger = logging.getLogger(__name__)
@@ -291,8 +291,7 @@ class DetectionDataset(Dataset):
             labels = np.asarray(out["labels"], dtype=np.int64)
         target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
                   "image_id": record.image_id, "orig_size": (record.height, record.width)}
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
-        return tensor, target
+        return image_to_tensor(image), target
 
     def aspect_ratios(self) -> list[float]:
         """Width / height per record, from the annotations (no decoding), for aspect-ratio grouping."""

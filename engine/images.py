@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 ImageInput = str | Path | np.ndarray | Image.Image
@@ -22,6 +23,11 @@ EXIF_HINT = ("an EXIF orientation tag is the likely cause: ResDet reads pixels a
              "(PIL.ImageOps.exif_transpose, exiftran -ai) and fix its annotation, or correct the annotation")
 
 
+READ_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+"""How `read_image` decodes: 3 channels in RGB order, full resolution (never IMREAD_REDUCED_*: not exact), the
+EXIF orientation ignored. The decoder writes RGB itself: the same pixels as BGR + cvtColor, one pass fewer."""
+
+
 class DatasetError(ValueError):
     """A dataset file or annotation is unusable; the message names the file (and the object)."""
 
@@ -29,10 +35,10 @@ class DatasetError(ValueError):
 def read_image(path: str | Path) -> np.ndarray:
     """HxWx3 uint8 RGB (grayscale files are expanded to 3 channels), decoded with OpenCV, EXIF orientation
     ignored (see the module docstring)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    image = cv2.imread(str(path), READ_FLAGS)
     if image is None:
         raise DatasetError(f"{path}: cannot read image (missing, truncated or not an image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def size_mismatch(path: str | Path, actual: tuple[int, int], expected: tuple[int, int], where: str) -> str:
@@ -68,3 +74,18 @@ def as_rgb_array(image: ImageInput) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got {array.dtype} {array.shape}")
     return array
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> the contiguous float32 [3, H, W] tensor in [0, 1] the models take, `x / 255` exactly.
+
+    Per channel plane (OpenCV's SIMD de-interleave, then one numpy pass that converts and divides): faster than
+    a transposed uint8 copy followed by `.float().div_(255)`, with the same bits (docs/benchmarks.md, "Data
+    pipeline"). Contiguous on purpose: a [3, H, W] view of HWC memory is cheaper still, but moves the transpose
+    into whatever consumes the batch (the training process)."""
+    height, width = image.shape[:2]
+    tensor = torch.empty((3, height, width), dtype=torch.float32)
+    planes = tensor.numpy()
+    for plane, channel in zip(planes, cv2.split(image)):
+        np.divide(channel, np.float32(255), out=plane, dtype=np.float32)
+    return tensor
