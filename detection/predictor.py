@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from backbones import fold_batchnorm
-from engine.images import ImageInput, as_rgb_array
+from engine.images import ImageInput, as_rgb_array, image_to_tensor
 from engine.trained import load_model_state, load_run_config, model_config_for_inference
 
 from .datasets import VOC_CLASSES
@@ -106,7 +106,7 @@ class Predictor:
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """RGB uint8 HxWx3 -> the resized [0, 1] float tensor the model saw at test time."""
         resized = self.transform(image=image, bboxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64))["image"]
-        return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float().div_(255)
+        return image_to_tensor(resized)
 
     @torch.no_grad()
     def __call__(self, images: ImageInput | Sequence[ImageInput], batch_size: int | None = None
