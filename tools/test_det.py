@@ -24,7 +24,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -35,7 +34,7 @@ from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector, load_detector_weights  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
-from engine.loop import amp_dtype  # noqa: E402
+from engine.loop import amp_dtype, eval_loader  # noqa: E402
 from engine.output import jsonable  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
@@ -58,14 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
     if out.is_dir() or not out.parent.is_dir():  # checked now, not after the whole evaluation
         parser.error(f"--out {out}: {'is a folder' if out.is_dir() else f'folder {out.parent} does not exist'}; "
                      "give a file path in an existing folder")
-    rank, world_size, device = init_distributed(cfg.device)
+    _, _, device = init_distributed(cfg.device)
 
     if is_main_process():
         prepare_synthetic(cfg.data)  # the built-in demo data, if the config uses it (no-op once written)
     barrier()
     records, class_names, cat_ids = load_split(cfg.data, "val")
-    dataset = Subset(build_dataset(cfg.data, records, train=False), range(rank, len(records), world_size))
-    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
+    loader = eval_loader(build_dataset(cfg.data, records, train=False), cfg.eval.batch_size, cfg.data.num_workers,
+                         collate_fn=collate)
     model = build_detector(cfg.model).to(device)
     load_detector_weights(model, args.checkpoint)
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
-from typing import Any
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -23,6 +21,7 @@ from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import cleanup, init_distributed, is_main_process  # noqa: E402
 from engine.loop import amp_dtype, eval_loader  # noqa: E402
+from engine.output import jsonable  # noqa: E402
 from segmentation.build import build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
 from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
@@ -52,17 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main_process():
         report(metrics)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
+        out.write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n")
         print(f"scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}: metrics written to {out}")
     cleanup()
     return metrics
-
-
-def _finite(value: Any) -> Any:
-    """nan (the IoU of a class absent from both labels and predictions) -> null, so the file is valid JSON."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 if __name__ == "__main__":
