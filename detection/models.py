@@ -134,13 +134,13 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
     anchor_sizes = tuple(cfg["anchor_sizes"])
     aspect_ratios = tuple(cfg["aspect_ratios"])
     if head == "fpn":
-        backbone = DetectorBackbone(body, fpn_channels=256)
+        backbone = DetectorBackbone(body, fpn_channels=cfg["fpn_channels"])
         if len(anchor_sizes) != len(backbone.level_names):
             raise ValueError(f"model.anchor_sizes needs one size per FPN level {backbone.level_names}, got {list(anchor_sizes)}")
         anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (aspect_ratios,) * len(anchor_sizes))
         roi_pool = MultiScaleRoIAlign(backbone.level_names[:-1], output_size=7, sampling_ratio=2)
-        box_head = TwoMLPHead(backbone.out_channels * 7 * 7, 1024)
-        representation = 1024
+        representation = cfg["roi"]["head_dim"]
+        box_head = TwoMLPHead(backbone.out_channels * 7 * 7, representation)
     else:
         anchors = AnchorGenerator((anchor_sizes,), (aspect_ratios,))
         if head == "c4":
@@ -167,14 +167,6 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
     if head == "vgg":  # FasterRCNN's constructor only accepts MultiScaleRoIAlign; Fast R-CNN max-pooled
         model.roi_heads.box_roi_pool = SingleLevelRoIPool("conv5", 7, stride=body.output_shape()["conv5"].stride)
     model.transform = NormalizeOnlyTransform(body.preprocessing, size_divisible=body.size_divisibility)
-    return model
-
-
-def to_channels_last(model: FasterRCNN) -> FasterRCNN:
-    """Conv weights in NHWC, and the batch entering the backbone too: the batching transform copies the
-    images into a fresh NCHW tensor, so a pre-hook converts it where the network starts."""
-    model.to(memory_format=torch.channels_last)
-    model.backbone.register_forward_pre_hook(lambda module, args: (args[0].contiguous(memory_format=torch.channels_last),))
     return model
 
 

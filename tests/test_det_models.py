@@ -11,10 +11,10 @@ def model_cfg(head: str, name: str, num_classes: int = 3, **overrides) -> dict:
     cfg = dict(
         head=head, num_classes=num_classes,
         backbone=dict(name=name, freeze_at=2, norm="FrozenBN", weights=None, options={}),
-        anchor_sizes=[32, 64, 128, 256, 512] if head == "fpn" else [16, 32, 64], aspect_ratios=[0.5, 1.0, 2.0],
+        anchor_sizes=[32, 64, 128, 256, 512] if head == "fpn" else [16, 32, 64], aspect_ratios=[0.5, 1.0, 2.0], fpn_channels=256,
         rpn=dict(pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000,
                  post_nms_top_n_test=1000, batch_size_per_image=256),
-        roi=dict(batch_size_per_image=32, score_thresh=0.0, nms_thresh=0.5, detections_per_img=100),
+        roi=dict(batch_size_per_image=32, head_dim=1024, score_thresh=0.0, nms_thresh=0.5, detections_per_img=100),
     )
     cfg.update(overrides)
     return cfg
