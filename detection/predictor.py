@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from backbones import fold_batchnorm
 from engine.images import ImageInput, as_rgb_array, image_to_tensor
 from engine.trained import load_model_state, load_run_config, model_config_for_inference
 
 from .datasets import VOC_CLASSES
 from .inference import detect, to_original_size
-from .models import build_detector, to_channels_last
+from .fast import optimize_for_inference
+from .models import build_detector
 from .synthetic import CLASSES as SHAPES_CLASSES
 from .transforms import build_det_transforms
 
@@ -78,13 +78,14 @@ class Predictor:
         predictor = Predictor("outputs/det_default/config.yaml", "outputs/det_default/last.pth")
         detections = predictor("photo.jpg")            # or an array, a PIL image, or a list of them
 
-    `fast` folds the BatchNorms into the convolutions and runs channels_last: the fastest path
-    docs/benchmarks.md found, with the same detections up to float32 rounding (exact in float64).
+    `fast` folds the BatchNorms into the convolutions and runs channels_last, `compile` (with `fast`) also
+    compiles backbone + FPN (`detection.fast.optimize_for_inference`): the same detections up to float32
+    rounding (exact in float64); docs/benchmarks.md has the speed of each.
     `eval.scales` / `eval.flip` in the config switch on test-time augmentation, as in test_det.py.
     """
 
     def __init__(self, config: str | Path | DictConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
-                 score_thresh: float | None = None, *, fast: bool = True) -> None:
+                 score_thresh: float | None = None, *, fast: bool = True, compile: bool = False) -> None:
         self.cfg = load_run_config(config, DEFAULT_CONFIG)
         self.device = torch.device(device)
         self.class_names, self.category_ids = label_space(self.cfg)
@@ -94,7 +95,7 @@ class Predictor:
             model.roi_heads.score_thresh = score_thresh
         model.eval()
         if fast:
-            to_channels_last(fold_batchnorm(model))
+            optimize_for_inference(model, compile=compile)
         self.model = model.to(self.device)
         sizes = [self.cfg.data.min_size] if isinstance(self.cfg.data.min_size, int) else list(self.cfg.data.min_size)
         self.transform = build_det_transforms(False, max(sizes), self.cfg.data.max_size)

@@ -46,10 +46,18 @@ def test_json_has_every_field_and_positive_numbers(tiny_run):
     assert train["images_per_s"] > 0 and train["step_s_median"] > 0 and len(train["step_s"]) == 1
     assert train["torch_threads"] == 1 and train["trainable_params"] > 0
     assert set(train["first_step_losses"]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
-    assert set(r["inference"]) == {"ours", "ours_fold", "ours_fold_channels_last"}  # torchvision only for resnet50
+    assert set(r["training"]) == {"ours", "ours_channels_last"}
+    assert train["gflop_per_step"] > 0 and 0 < train["ceiling_fraction"] < 1.5
+    assert r["ceiling"]["gflop_per_s"] > 1 and r["ceiling"]["threads"] == 1
+    # torchvision only for resnet50
+    assert set(r["inference"]) == {"ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled"}
+    gflop = {res["gflop"] for res in r["inference"].values()}
+    assert len(gflop) == 1 and gflop.pop() > 0  # the same arithmetic, counted on the same input
     for variant, res in r["inference"].items():
         assert res["ms_per_image_median"] > 0 and len(res["ms"]) == 1
         assert res["speedup_vs_ours"] > 0 and res["speedup_vs_torchvision"] is None
+        assert set(res["stages_ms"]) == set(bench.STAGES) and all(t >= 0 for t in res["stages_ms"].values())
+        assert res["staged_equals_model"] and res["first_call_s"] > 0
         assert {"method", "baseline_mb", "peak_mb", "delta_mb"} <= set(res["memory"])
         assert res["memory"]["delta_mb"] >= 0
     assert r["inference"]["ours"]["batchnorms_left"] > 0
@@ -60,12 +68,13 @@ def test_folded_and_channels_last_give_the_same_detections(tiny_run):
     checks = tiny_run["checks"]
     fold = checks["fold_float64"]  # exact up to float64 rounding, score threshold 0 -> 100 detections
     assert fold["passed"]
-    for variant in ("ours_fold", "ours_fold_channels_last"):
+    for variant in ("ours_fold", "ours_fold_channels_last", "ours_fast_compiled"):
         assert fold[variant]["num_detections"] == [100, 100] and fold[variant]["labels_equal"]
         assert fold[variant]["max_abs_box_diff"] < 1e-6 and fold[variant]["max_abs_score_diff"] < 1e-8
         # the float32 timed runs: near-ties of random weights may swap a few, but most must agree
         assert checks["fold_float32_timed_runs"][variant]["matched_fraction"] >= 0.9
-    assert checks["fold_removes_every_batchnorm"]["passed"]
+    assert checks["fold_removes_every_batchnorm"]["passed"] and checks["staged_forward_equals_model"]["passed"]
+    assert checks["channels_last_first_step_losses"]["passed"]
 
 
 def test_float32_fold_and_channels_last_within_tolerance():
@@ -119,7 +128,8 @@ def test_subprocess_phase_measures_peak_rss(tmp_path):
 def test_markdown_table(tiny_run):
     text = bench.to_markdown(tiny_run)
     assert "| Training, batch 2 | images/s |" in text
-    assert "| ours + fold BN + channels_last |" in text
+    assert "| ours + fold BN + channels_last |" in text and "| ours + fold BN + channels_last + compile |" in text
+    assert "| Inference stages, ms (median) | transform | backbone_fpn | rpn | roi_heads | postprocess | sum |" in text
     assert "Checks passed:" in text and "fold_float64" in text
 
 

@@ -10,7 +10,13 @@ Measured (see docs/benchmarks.md for the method and results):
   1-4 random boxes each; torchvision's `fasterrcnn_resnet50_fpn` recipe (FrozenBN, layers 2-4 trainable)
   against ours (FrozenBN, freeze_at=2);
 - inference latency (ms/image, median, batch 1): torchvision; ours; ours with BN folded into the convs;
-  ours folded + channels_last;
+  ours folded + channels_last; that plus backbone + FPN compiled (`detection.fast.optimize_for_inference`,
+  the form test_det / visualize_det / the Predictor run), with the time of each stage (transform, backbone +
+  FPN, RPN, RoI heads, post-processing);
+- where the time goes: the arithmetic of each (model, phase) counted on the same input
+  (`torch.utils.flop_counter.FlopCounterMode`: convolutions and matrix products), the GFLOP/s achieved, and
+  the ceiling measured in the same run at the same thread count (an fp32 matrix product: sgemm on CPU);
+- training throughput of ours in channels_last too;
 - peak memory of each (model, phase): on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's
   peak RSS (VmHWM, reset through /proc/self/clear_refs after the model and inputs are set up), each
   (model, phase) in a fresh subprocess so no earlier phase's freed-but-cached memory is reused.
@@ -38,6 +44,7 @@ from typing import Any
 
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -47,11 +54,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from backbones import fold_batchnorm  # noqa: E402
-from detection.models import build_detector, to_channels_last  # noqa: E402
+from detection.fast import optimize_for_inference, to_channels_last  # noqa: E402
+from detection.models import build_detector  # noqa: E402
 
 NUM_CLASSES = 90  # COCO's foreground classes; torchvision counts 91 with the background
-INFER_VARIANTS = ("torchvision", "ours", "ours_fold", "ours_fold_channels_last")
-TRAIN_MODELS = ("torchvision", "ours")
+INFER_VARIANTS = ("torchvision", "ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled")
+TRAIN_MODELS = ("torchvision", "ours", "ours_channels_last")
+CHANNELS_LAST = ("ours_fold_channels_last", "ours_fast_compiled")
+FASTER = INFER_VARIANTS[2:]  # the variants that change the model: BN folded, and more
+STAGES = ("transform", "backbone_fpn", "rpn", "roi_heads", "postprocess")
 RESULT_TAG = "BENCHMARK_PHASE_RESULT "
 DEFAULTS = dict(size=512, batch=2, warmup=2, iters=5, threads=2, device="cpu", backbone="resnet50",
                 score_thresh=0.05, lr=0.001, seed=0)
@@ -63,10 +74,10 @@ def ours_cfg(backbone: str, score_thresh: float) -> dict:
     return dict(
         head="fpn", num_classes=NUM_CLASSES,
         backbone=dict(name=backbone, freeze_at=2, norm="FrozenBN", weights=None, options={}),
-        anchor_sizes=[32, 64, 128, 256, 512], aspect_ratios=[0.5, 1.0, 2.0],
+        anchor_sizes=[32, 64, 128, 256, 512], aspect_ratios=[0.5, 1.0, 2.0], fpn_channels=256,
         rpn=dict(pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000,
                  post_nms_top_n_test=1000, batch_size_per_image=256),
-        roi=dict(batch_size_per_image=512, score_thresh=score_thresh, nms_thresh=0.5, detections_per_img=100),
+        roi=dict(batch_size_per_image=512, head_dim=1024, score_thresh=score_thresh, nms_thresh=0.5, detections_per_img=100),
     )
 
 
@@ -90,18 +101,25 @@ def make_weights(settings: dict, path: str | Path) -> None:
     torch.save(model.state_dict(), path)
 
 
-def build_model(name: str, settings: dict, weights: str | Path, *, fold: bool = False,
-                channels_last: bool = False) -> FasterRCNN:
+def build_model(name: str, settings: dict, weights: str | Path) -> FasterRCNN:
+    """torchvision's model or ours (any variant name starting with "ours"), with the shared weights."""
     if name == "torchvision":
         model = build_torchvision(settings["size"], settings["score_thresh"])
-    elif name == "ours":
+    elif name.startswith("ours"):
         model = build_detector(ours_cfg(settings["backbone"], settings["score_thresh"]))
     else:
         raise ValueError(f"unknown model {name!r}")
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-    if fold:
+    return model
+
+
+def apply_variant(model: FasterRCNN, variant: str) -> FasterRCNN:
+    """The inference variants, step by step: fold BN, then channels_last, then the compiled whole."""
+    if variant == "ours_fast_compiled":
+        return optimize_for_inference(model, compile=True)
+    if "fold" in variant:
         fold_batchnorm(model.eval())
-    if channels_last:
+    if "channels_last" in variant:
         to_channels_last(model)
     return model
 
@@ -176,6 +194,59 @@ class PeakMemory:
                     delta_mb=round(max(peak - self.baseline, 0.0), 1))
 
 
+# ----------------------------------------------------------------------------------------------- arithmetic
+def count_gflop(fn) -> float:
+    """GFLOP of the convolutions and matrix products `fn()` runs (FlopCounterMode: 2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def measure_ceiling(device: torch.device, n: int = 2048, repeats: int = 5) -> dict:
+    """The machine's dense fp32 rate at this thread count: the best of `repeats` n x n x n matrix products."""
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    times = []
+    for _ in range(repeats + 1):  # the first one warms the kernels up
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return dict(op=f"fp32 matmul {n}x{n}x{n}", gflop_per_s=2 * n**3 / min(times[1:]) / 1e9,
+                threads=torch.get_num_threads())
+
+
+def staged_forward(model: FasterRCNN, images: list[torch.Tensor], device: torch.device
+                   ) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
+    """GeneralizedRCNN.forward in eval mode, step by step, timing each stage (seconds). The same calls in
+    the same order as torchvision's forward, so the detections are the model's (the run checks it)."""
+    times, heads = {}, model.roi_heads
+    original_sizes = [tuple(image.shape[-2:]) for image in images]
+
+    def lap(stage: str, t0: float) -> float:
+        _sync(device)
+        now = time.perf_counter()
+        times[stage] = now - t0
+        return now
+
+    t = time.perf_counter()
+    image_list, _ = model.transform(images)
+    t = lap("transform", t)
+    features = model.backbone(image_list.tensors)
+    t = lap("backbone_fpn", t)
+    proposals, _ = model.rpn(image_list, features)
+    t = lap("rpn", t)
+    box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
+    class_logits, box_regression = heads.box_predictor(box_features)
+    t = lap("roi_heads", t)
+    boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals,
+                                                         image_list.image_sizes)
+    detections = [dict(boxes=b, scores=s, labels=k) for b, s, k in zip(boxes, scores, labels)]
+    detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+    lap("postprocess", t)
+    return detections, times
+
+
 # ----------------------------------------------------------------------------------------------- phases
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -187,6 +258,8 @@ def run_train(spec: dict) -> dict:
     settings = spec["settings"]
     device = torch.device(settings["device"])
     model = build_model(spec["model"], settings, spec["weights"]).to(device).train()
+    if spec["model"] == "ours_channels_last":
+        to_channels_last(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=0.9, weight_decay=1e-4)
     images = [im.to(device) for im in make_images(settings["batch"], settings["size"], settings["seed"])]
@@ -199,6 +272,9 @@ def run_train(spec: dict) -> dict:
         torch.manual_seed(settings["seed"] + step[0])
 
     model.rpn.register_forward_pre_hook(reseed)
+    step[0] = -1  # the counted step draws its own samples; the timed steps then start as without it
+    gflop = count_gflop(lambda: sum(model(images, targets).values()).backward())
+    optimizer.zero_grad(set_to_none=True)
     memory = PeakMemory(device)
     memory.start()
     times, first_losses = [], None
@@ -221,6 +297,7 @@ def run_train(spec: dict) -> dict:
     mem = memory.stop()
     total = sum(times)
     return dict(images_per_s=settings["batch"] * len(times) / total, step_s_median=statistics.median(times),
+                gflop_per_step=gflop, gflop_per_s=gflop / statistics.median(times),
                 step_s=[round(t, 4) for t in times], first_step_losses=first_losses,
                 trainable_params=sum(p.numel() for p in params), memory=mem)
 
@@ -230,15 +307,16 @@ def run_infer(spec: dict) -> dict:
     settings = spec["settings"]
     device = torch.device(settings["device"])
     variant = spec["model"]
-    name = "torchvision" if variant == "torchvision" else "ours"
-    model = build_model(name, settings, spec["weights"], fold="fold" in variant,
-                        channels_last="channels_last" in variant).to(device).eval()
+    model = build_model(variant, settings, spec["weights"]).to(device).eval()
     image = make_images(1, settings["size"], settings["seed"] + 100)[0].to(device)
-    if "channels_last" in variant:  # an HWC-strided image; the batching copy makes it NCHW again (see to_channels_last)
+    with torch.inference_mode():  # counted on the model as built: folding removes only BN, which is not counted
+        gflop = count_gflop(lambda: model([image]))
+    model = apply_variant(model, variant)
+    if variant in CHANNELS_LAST:  # an HWC-strided image; the batching copy makes it NCHW again (see to_channels_last)
         image = image[None].contiguous(memory_format=torch.channels_last)[0]
     memory = PeakMemory(device)
     memory.start()
-    times = []
+    times, first_call_s = [], None
     with torch.inference_mode():
         for i in range(settings["warmup"] + settings["iters"]):
             _sync(device)
@@ -247,11 +325,22 @@ def run_infer(spec: dict) -> dict:
             _sync(device)
             if i >= settings["warmup"]:
                 times.append(time.perf_counter() - t0)
-    mem = memory.stop()
+            first_call_s = first_call_s or time.perf_counter() - t0  # includes compiling, where there is any
+        mem = memory.stop()
+        stage_times = {stage: [] for stage in STAGES}
+        for _ in range(settings["iters"]):
+            staged, laps = staged_forward(model, [image], device)
+            for stage, seconds in laps.items():
+                stage_times[stage].append(seconds)
+    staged_equal = all(torch.equal(staged[0][k], detections[k]) for k in detections)
     detections = {k: v.cpu() for k, v in detections.items()}
     if spec.get("detections_out"):
         torch.save(detections, spec["detections_out"])
-    return dict(ms_per_image_median=1000 * statistics.median(times), ms=[round(1000 * t, 2) for t in times],
+    median_s = statistics.median(times)
+    return dict(ms_per_image_median=1000 * median_s, ms=[round(1000 * t, 2) for t in times],
+                first_call_s=round(first_call_s, 3), gflop=gflop, gflop_per_s=gflop / median_s,
+                stages_ms={stage: 1000 * statistics.median(v) for stage, v in stage_times.items()},
+                staged_equals_model=staged_equal,
                 num_detections=len(detections["boxes"]), batchnorms_left=count_batchnorms(model), memory=mem)
 
 
@@ -303,7 +392,7 @@ def matched_fraction(a: dict, b: dict, box_tol: float = 0.5, score_tol: float = 
 
 @torch.no_grad()
 def check_fold_equivalence(settings: dict, weights: str | Path, dtype: torch.dtype = torch.float64) -> dict:
-    """Ours vs ours + fold vs ours + fold + channels_last on one image, in float64 by default: with random
+    """Ours vs each faster variant of ours on one image, in float64 by default: with random
     weights many scores are near-tied, and float32 rounding from folding can swap which of two near-equal
     candidates survives top-k / NMS; in float64 it cannot, so this checks the transformation, exactly.
     Score threshold 0 here, so there are detections to compare even where random weights score below 0.05."""
@@ -312,14 +401,8 @@ def check_fold_equivalence(settings: dict, weights: str | Path, dtype: torch.dty
     image = make_images(1, settings["size"], settings["seed"] + 100)[0].to(device, dtype)
     outputs = {}
     for variant in INFER_VARIANTS[1:]:
-        model = build_model("ours", settings, weights).to(device, dtype).eval()
-        if "fold" in variant:
-            fold_batchnorm(model)
-        if "channels_last" in variant:
-            to_channels_last(model)
-            image_in = image[None].contiguous(memory_format=torch.channels_last)[0]
-        else:
-            image_in = image
+        model = apply_variant(build_model("ours", settings, weights).to(device, dtype).eval(), variant)
+        image_in = image[None].contiguous(memory_format=torch.channels_last)[0] if variant in CHANNELS_LAST else image
         outputs[variant] = {k: v.cpu() for k, v in model([image_in])[0].items()}
         del model
     tol = dict(rtol=1e-7, atol=1e-6) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-2)
@@ -366,6 +449,9 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
         memory_isolation="a fresh subprocess per (model, phase)" if isolate else "in-process (approximate)",
         loadavg_start=list(os.getloadavg()))
     t_start = time.perf_counter()
+    torch.set_num_threads(settings["threads"])
+    results["ceiling"] = measure_ceiling(torch.device(settings["device"]))
+    log(f"ceiling {results['ceiling']['op']}: {results['ceiling']['gflop_per_s']:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         weights = Path(tmp) / "weights.pt"
         make_weights(settings, weights)
@@ -380,7 +466,7 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
                                           detections_out=str(out)))
             log(f"infer  {variant:<24s} {inference[variant]['ms_per_image_median']:.1f} ms/image")
             detections[variant] = torch.load(out, weights_only=True)
-        log("check  fold / channels_last equivalence (float64) ...")
+        log("check  fold / channels_last / compile equivalence (float64) ...")
         torch.set_num_threads(settings["threads"])
         checks: dict[str, Any] = dict(fold_float64=check_fold_equivalence(settings, weights))
 
@@ -388,7 +474,7 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
     checks["fold_float32_timed_runs"] = {
         v: dict(compare_detections(detections[v], detections["ours"], rtol=1e-3, atol=1e-2),
                 matched_fraction=matched_fraction(detections["ours"], detections[v]))
-        for v in infer_variants if "fold" in v}
+        for v in infer_variants if v in FASTER}
     for v in checks["fold_float32_timed_runs"].values():
         v["informational"] = True
     if compare:
@@ -403,18 +489,28 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
             torchvision=training["torchvision"]["trainable_params"], ours=training["ours"]["trainable_params"],
             passed=training["torchvision"]["trainable_params"] == training["ours"]["trainable_params"])
     checks["fold_removes_every_batchnorm"] = dict(
-        left={v: inference[v]["batchnorms_left"] for v in infer_variants if "fold" in v},
-        passed=all(inference[v]["batchnorms_left"] == 0 for v in infer_variants if "fold" in v))
+        left={v: inference[v]["batchnorms_left"] for v in FASTER},
+        passed=all(inference[v]["batchnorms_left"] == 0 for v in FASTER))
+    checks["staged_forward_equals_model"] = dict(
+        variants={v: inference[v]["staged_equals_model"] for v in infer_variants},
+        passed=all(inference[v]["staged_equals_model"] for v in infer_variants))
+    ours_losses, cl_losses = training["ours"]["first_step_losses"], training["ours_channels_last"]["first_step_losses"]
+    checks["channels_last_first_step_losses"] = dict(  # the same sums in another order: rounding only
+        ours=ours_losses, ours_channels_last=cl_losses,
+        passed=all(abs(ours_losses[k] - cl_losses[k]) <= 1e-4 + 1e-3 * abs(ours_losses[k]) for k in ours_losses))
 
     # speedups: > 1 means faster than the reference (torchvision; ours for the folded variants' second column)
+    ceiling = results["ceiling"]["gflop_per_s"]
     ref_train = training["torchvision"]["images_per_s"] if compare else None
     for name, r in training.items():
         r["speedup_vs_torchvision"] = r["images_per_s"] / ref_train if compare else None
+        r["ceiling_fraction"] = r["gflop_per_s"] / ceiling
     ref_ms = inference["torchvision"]["ms_per_image_median"] if compare else None
     for name, r in inference.items():
         r["speedup_vs_torchvision"] = ref_ms / r["ms_per_image_median"] if compare else None
         r["speedup_vs_ours"] = inference["ours"]["ms_per_image_median"] / r["ms_per_image_median"] \
             if name != "torchvision" else None
+        r["ceiling_fraction"] = r["gflop_per_s"] / ceiling
     results.update(training=training, inference=inference, checks=checks,
                    loadavg_end=list(os.getloadavg()), wall_s=round(time.perf_counter() - t_start, 1))
 
@@ -425,7 +521,8 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
 
 
 LABELS = dict(torchvision="torchvision R50-FPN", ours="ours", ours_fold="ours + fold BN",
-              ours_fold_channels_last="ours + fold BN + channels_last")
+              ours_fold_channels_last="ours + fold BN + channels_last",
+              ours_fast_compiled="ours + fold BN + channels_last + compile", ours_channels_last="ours, channels_last")
 
 
 def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
@@ -437,23 +534,33 @@ def to_markdown(results: dict) -> str:
     device = env.get("cuda_device", env["cpu_model"]) if s["device"] == "cuda" else env["cpu_model"]
     mem = "peak CUDA alloc" if s["device"] == "cuda" else "peak RSS"
     bb = "R50" if s["backbone"] == "resnet50" else s["backbone"]
+    ceiling = results["ceiling"]
+    label = lambda name: f"ours {bb}-FPN" if name == "ours" else LABELS[name]  # noqa: E731
     lines = [f"{s['size']}x{s['size']} images, {s['device']} ({device}), {s['threads']} threads, "
              f"warmup {s['warmup']}, iters {s['iters']}; torch {env['torch']}, torchvision {env['torchvision']}; "
-             f"load average {results['loadavg_start'][0]:.1f} -> {results['loadavg_end'][0]:.1f}",
+             f"load average {results['loadavg_start'][0]:.1f} -> {results['loadavg_end'][0]:.1f}; "
+             f"ceiling ({ceiling['op']}, same run, same threads) {ceiling['gflop_per_s']:.1f} GFLOP/s",
              "",
-             f"| Training, batch {s['batch']} | images/s | s/step (median) | speedup vs torchvision | {mem} over setup (MB) |",
-             "|---|---:|---:|---:|---:|"]
+             f"| Training, batch {s['batch']} | images/s | s/step (median) | speedup vs torchvision | GFLOP/step | "
+             f"GFLOP/s | of ceiling | {mem} over setup (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["training"].items():
-        label = LABELS[name] if name == "torchvision" else f"ours {bb}-FPN"
-        lines.append(f"| {label} | {r['images_per_s']:.3f} | {r['step_s_median']:.2f} | "
-                     f"{_fmt(r['speedup_vs_torchvision'], '.2f', 'x')} | {r['memory']['delta_mb']:.0f} |")
-    lines += ["", f"| Inference, batch 1 | ms/image (median) | speedup vs torchvision | speedup vs ours | "
-                  f"{mem} over setup (MB) |",
-              "|---|---:|---:|---:|---:|"]
+        lines.append(f"| {label(name)} | {r['images_per_s']:.3f} | {r['step_s_median']:.2f} | "
+                     f"{_fmt(r['speedup_vs_torchvision'], '.2f', 'x')} | {r['gflop_per_step']:.1f} | "
+                     f"{r['gflop_per_s']:.1f} | {r['ceiling_fraction']:.0%} | {r['memory']['delta_mb']:.0f} |")
+    lines += ["", f"| Inference, batch 1 | ms/image (median) | speedup vs torchvision | speedup vs ours | GFLOP | "
+                  f"GFLOP/s | of ceiling | first call (s) | {mem} over setup (MB) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["inference"].items():
-        label = LABELS[name] if name != "ours" else f"ours {bb}-FPN"
-        lines.append(f"| {label} | {r['ms_per_image_median']:.1f} | {_fmt(r['speedup_vs_torchvision'], '.2f', 'x')} | "
-                     f"{_fmt(r['speedup_vs_ours'], '.2f', 'x')} | {r['memory']['delta_mb']:.0f} |")
+        lines.append(f"| {label(name)} | {r['ms_per_image_median']:.1f} | {_fmt(r['speedup_vs_torchvision'], '.2f', 'x')} | "
+                     f"{_fmt(r['speedup_vs_ours'], '.2f', 'x')} | {r['gflop']:.1f} | {r['gflop_per_s']:.1f} | "
+                     f"{r['ceiling_fraction']:.0%} | {r['first_call_s']:.1f} | {r['memory']['delta_mb']:.0f} |")
+    lines += ["", "| Inference stages, ms (median) | " + " | ".join(STAGES) + " | sum |",
+              "|---|" + "---:|" * (len(STAGES) + 1)]
+    for name, r in results["inference"].items():
+        stages = r["stages_ms"]
+        lines.append(f"| {label(name)} | " + " | ".join(f"{stages[k]:.1f}" for k in STAGES)
+                     + f" | {sum(stages.values()):.1f} |")
     checks = results["checks"]
     passed = [k for k, c in checks.items() if c.get("passed") and not c.get("informational")]
     lines += ["", f"Checks passed: {', '.join(passed)}."]

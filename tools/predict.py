@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                      "(default: the run's eval.batch_size)")
     parser.add_argument("--render-thresh", type=float, default=0.5, help="detection: draw boxes scoring >= this")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="detection: also compile backbone + FPN (pays off "
+                                                               "on many images of few sizes)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier predictions.json in --out")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.parent / "predictions"
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not images and not missing:
         parser.error(f"no images found in {args.input}")
     if task == "detection":
-        predictor = DetectionPredictor(cfg, args.checkpoint, device=args.device, score_thresh=args.score_thresh)
+        predictor = DetectionPredictor(cfg, args.checkpoint, device=args.device, score_thresh=args.score_thresh,
+                                       compile=args.compile)
     else:
         if args.score_thresh is not None:
             print("--score-thresh applies to detection runs only; ignored", file=sys.stderr)

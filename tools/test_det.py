@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from detection.build import build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
 from detection.datasets import collate  # noqa: E402
 from detection.evaluation import CocoEvaluator, format_per_class_table  # noqa: E402
+from detection.fast import optimize_for_inference  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector, load_detector_weights  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                  "pr_curves.png goes beside it")
     parser.add_argument("--coco91", action="store_true",
                         help="the model's labels are COCO category ids 1..90 (torchvision's COCO weights)")
+    parser.add_argument("--no-fast", action="store_true", help="run the model as trained (BN unfolded, NCHW) instead "
+                                                               "of the faster equivalent form (detection.fast)")
+    parser.add_argument("--compile", action="store_true", help="also compile backbone + FPN (pays off on long runs)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
@@ -65,8 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
     records, class_names, cat_ids = load_split(cfg.data, "val")
     loader = eval_loader(build_dataset(cfg.data, records, train=False), cfg.eval.batch_size, cfg.data.num_workers,
                          collate_fn=collate)
-    model = build_detector(cfg.model).to(device)
+    model = build_detector(cfg.model)
     load_detector_weights(model, args.checkpoint)
+    if not args.no_fast:
+        optimize_for_inference(model, compile=args.compile)
+    model.to(device)
 
     def run(scales: list[float], flip: bool) -> tuple[dict, CocoEvaluator]:
         if args.coco91:

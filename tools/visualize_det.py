@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from detection.build import build_dataset, load_split, prepare_synthetic  # noqa: E402
 from detection.datasets import read_image  # noqa: E402
+from detection.fast import optimize_for_inference  # noqa: E402
 from detection.inference import to_original_size  # noqa: E402
 from detection.models import build_detector, load_detector_weights  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
     parser.add_argument("--num", type=int, default=8, help="number of validation images (>= 1)")
     parser.add_argument("--score-thresh", type=float, default=0.5)
+    parser.add_argument("--no-fast", action="store_true", help="run the model as trained (BN unfolded, NCHW) instead "
+                                                               "of the faster equivalent form (detection.fast)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     if not args.gt and args.checkpoint is None:
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not args.gt:
         model = build_detector(cfg.model).eval()
         load_detector_weights(model, args.checkpoint)
+        if not args.no_fast:
+            optimize_for_inference(model)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     for index, record in enumerate(records):
