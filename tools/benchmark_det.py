@@ -467,7 +467,6 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
             log(f"infer  {variant:<24s} {inference[variant]['ms_per_image_median']:.1f} ms/image")
             detections[variant] = torch.load(out, weights_only=True)
         log("check  fold / channels_last / compile equivalence (float64) ...")
-        torch.set_num_threads(settings["threads"])
         checks: dict[str, Any] = dict(fold_float64=check_fold_equivalence(settings, weights))
 
     # float32 timed runs: folded variants against ours, for information (near-ties may legitimately swap)
