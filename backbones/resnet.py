@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Backbone, ShapeSpec, check_input
+from .batch_norm import ConvNorm, conv_norm
 
 NormFactory = Callable[[int], nn.Module]
 SHORTCUTS = ("A", "B", "C")
@@ -47,7 +48,7 @@ def make_shortcut(kind: str, in_channels: int, out_channels: int, stride: int, n
         return ZeroPadShortcut(out_channels, stride) if shape_changes else None
     if kind == "B" and not shape_changes:
         return None
-    return nn.Sequential(conv1x1(in_channels, out_channels, stride), norm(out_channels))
+    return ConvNorm(conv1x1(in_channels, out_channels, stride), norm(out_channels))
 
 
 class BasicBlock(nn.Module):
@@ -71,8 +72,8 @@ class BasicBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
         if self.residual:
             out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
@@ -104,9 +105,9 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
         if self.residual:
             out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
@@ -323,7 +324,7 @@ class ResNet(Backbone):
         check_input(x)
         wanted = set(self.out_features)
         outputs: dict[str, Tensor] = {}
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         if "stem" in wanted:
             outputs["stem"] = x
         stages = list(self.stage_specs)

@@ -22,11 +22,13 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, RoIPool
+from torchvision.ops import FeaturePyramidNetwork, RoIPool
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from backbones import Backbone, Preprocessing, build_backbone
 from backbones.build import RESNETS, VGGS
+
+from .roi_align import MultiScaleRoIAlign  # torchvision's, with a multi-threaded backward on the CPU
 
 HEADS = ("c4", "fpn", "vgg")
 

@@ -155,6 +155,26 @@ def test_frozen_batchnorm_copies_eps_and_matches_bn():
     FrozenBatchNorm2d(8).load_state_dict(nn.BatchNorm2d(8).state_dict())
 
 
+def test_frozen_bn_applied_inside_the_conv_gives_the_same_values_and_gradients():
+    from backbones.batch_norm import conv_norm
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 8, 3, padding=1, bias=False).double(), nn.BatchNorm2d(8, eps=1e-3).double().eval()
+    for tensor in (bn.weight, bn.bias, bn.running_mean):
+        nn.init.uniform_(tensor, -1, 1)
+    nn.init.uniform_(bn.running_var, 0.5, 2)
+    frozen = convert_frozen_batchnorm(bn)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    expected = frozen(conv(x))
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), conv.weight)
+    got = conv_norm(conv, frozen, x)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), conv.weight)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-12, atol=1e-12)
+    # a trainable BN normalises with batch statistics: applied as itself
+    trainable = nn.BatchNorm2d(8).double().train()
+    assert torch.equal(conv_norm(conv, trainable, x), trainable(conv(x)))
+
+
 def test_frozen_bn_and_group_norm_builds():
     frozen = build_backbone("resnet18", norm="FrozenBN")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())

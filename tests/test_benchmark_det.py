@@ -66,7 +66,7 @@ def test_json_has_every_field_and_positive_numbers(tiny_run):
 
 def test_folded_and_channels_last_give_the_same_detections(tiny_run):
     checks = tiny_run["checks"]
-    fold = checks["fold_float64"]  # exact up to float64 rounding, score threshold 0 -> 100 detections
+    fold = checks["float64_detections"]  # exact up to float64 rounding, score threshold 0 -> 100 detections
     assert fold["passed"]
     for variant in ("ours_fold", "ours_fold_channels_last", "ours_fast_compiled"):
         assert fold[variant]["num_detections"] == [100, 100] and fold[variant]["labels_equal"]
@@ -130,7 +130,7 @@ def test_markdown_table(tiny_run):
     assert "| Training, batch 2 | images/s |" in text
     assert "| ours + fold BN + channels_last |" in text and "| ours + fold BN + channels_last + compile |" in text
     assert "| Inference stages, ms (median) | transform | backbone_fpn | rpn | roi_heads | postprocess | sum |" in text
-    assert "Checks passed:" in text and "fold_float64" in text
+    assert "Checks passed:" in text and "float64_detections" in text
 
 
 def test_resnet50_phases_do_the_same_work_as_torchvision(tmp_path):
@@ -140,12 +140,9 @@ def test_resnet50_phases_do_the_same_work_as_torchvision(tmp_path):
     bench.make_weights(settings, weights)
     train = {name: bench.run_phase(dict(phase="train", model=name, settings=settings, weights=str(weights)))
              for name in ("torchvision", "ours")}
-    assert train["ours"]["first_step_losses"] == train["torchvision"]["first_step_losses"]
+    # ours applies frozen BN inside the convs (rounding differs) and its RoIAlign backward is a sparse product
+    ours, tv = train["ours"]["first_step_losses"], train["torchvision"]["first_step_losses"]
+    assert ours.keys() == tv.keys() and all(abs(ours[k] - tv[k]) <= 1e-5 + 1e-4 * abs(tv[k]) for k in tv)
     assert train["ours"]["trainable_params"] == train["torchvision"]["trainable_params"]
-    detections = {}
-    for name in ("torchvision", "ours"):
-        out = tmp_path / f"{name}.pt"
-        bench.run_phase(dict(phase="infer", model=name, settings=settings, weights=str(weights), detections_out=str(out)))
-        detections[name] = torch.load(out, weights_only=True)
-    check = bench.compare_detections(detections["ours"], detections["torchvision"], rtol=1.3e-6, atol=1e-5)
-    assert check["passed"] and check["num_detections"] == [100, 100]
+    check = bench.check_fold_equivalence(settings, weights)["torchvision"]  # float64: the same detections
+    assert check["passed"] and check["num_detections"] == [100, 100] and check["max_abs_box_diff"] < 1e-6
