@@ -197,9 +197,20 @@ class PeakMemory:
 # ----------------------------------------------------------------------------------------------- arithmetic
 def count_gflop(fn) -> float:
     """GFLOP of the convolutions and matrix products `fn()` runs (FlopCounterMode: 2 per multiply-add)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mm: _mm_flop}) as counter:
         fn()
     return counter.get_total_flops() / 1e9
+
+
+def _mm_flop(a: torch.Tensor, b: torch.Tensor, *args, out_val=None, **kwargs) -> int:
+    """FlopCounterMode's count for `a @ b`, except that a sparse `a` (our RoIAlign backward's CSR matrix)
+    costs its nonzeros, not its dense shape."""
+    if a.layout != torch.strided:
+        return 2 * a._nnz() * b.shape[1]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+_mm_flop._get_raw = True  # FlopCounterMode passes the tensors themselves, so the layout can be seen
 
 
 def measure_ceiling(device: torch.device, n: int = 2048, repeats: int = 5) -> dict:
