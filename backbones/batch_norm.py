@@ -42,7 +42,7 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`norm(conv(x))`. A frozen BN is a fixed per-channel affine map, so it is applied inside the convolution
     instead: weight * scale and bias = shift. That saves two passes over the output forward and one backward
-    (about 7 % of a CPU training step of R50-FPN, docs/benchmarks.md); the conv weight still trains, with the
+    (about 8 % of a CPU training step of R50-FPN, docs/benchmarks.md); the conv weight still trains, with the
     gradient the chain rule gives through the scaling. Equal to `norm(conv(x))` up to float rounding."""
     if isinstance(norm, FrozenBatchNorm2d) and conv.bias is None:
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # FrozenBatchNorm2d.forward's arithmetic
