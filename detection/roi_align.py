@@ -41,7 +41,7 @@ class _SparseBackward(torch.autograd.Function):
                 *features: Tensor) -> Tensor:
         out = ops.MultiScaleRoIAlign.forward(pooler, dict(zip(pooler.featmap_names, features)), boxes, image_shapes)
         rois = convert_boxes_to_roi_format(boxes)
-        levels = pooler.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.int64)
+        levels = pooler.map_levels(boxes)  # all 0 with one level
         ctx.save_for_backward(rois, levels)
         ctx.scales, ctx.shapes = list(pooler.scales), [f.shape for f in features]
         ctx.output_size, ctx.sampling_ratio = tuple(pooler.output_size), pooler.sampling_ratio
@@ -68,7 +68,7 @@ def roi_align_backward(grad_out: Tensor, rois: Tensor, input_shape: torch.Size, 
     cols, weights = _bilinear_taps(rois.to(grad_out.dtype), spatial_scale, height, width, output_size, sampling_ratio)
     # S^T in CSR: rows = input pixels, so each output row is summed by one thread in a fixed order (deterministic)
     num_bins, cols, weights = cols.shape[0], cols.flatten(), weights.flatten()
-    order = torch.argsort(cols.int() if cols.numel() < 2**31 else cols, stable=True)
+    order = torch.argsort(cols.int() if n * height * width < 2**31 else cols, stable=True)  # int32 sorts faster
     bin_of_tap = torch.div(order, cols.numel() // num_bins, rounding_mode="floor")
     crow = torch.zeros(n * height * width + 1, dtype=torch.int64, device=cols.device)
     crow[1:] = torch.cumsum(torch.bincount(cols, minlength=n * height * width), 0)
