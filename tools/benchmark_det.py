@@ -389,6 +389,11 @@ def compare_detections(a: dict, b: dict, rtol: float, atol: float) -> dict:
     return out
 
 
+def losses_close(a: dict[str, float], b: dict[str, float], rtol: float, atol: float) -> bool:
+    """The same loss terms, each within atol + rtol * |b|."""
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= atol + rtol * abs(b[k]) for k in b)
+
+
 def matched_fraction(a: dict, b: dict, box_tol: float = 0.5, score_tol: float = 1e-3) -> float:
     """Share of a's detections that b also has (same label, box and score close), in any order."""
     if len(a["labels"]) == 0:
@@ -402,7 +407,7 @@ def matched_fraction(a: dict, b: dict, box_tol: float = 0.5, score_tol: float = 
 
 
 @torch.no_grad()
-def check_fold_equivalence(settings: dict, weights: str | Path, dtype: torch.dtype = torch.float64) -> dict:
+def check_float64_detections(settings: dict, weights: str | Path, dtype: torch.dtype = torch.float64) -> dict:
     """Ours vs torchvision (for resnet50) and vs each faster variant of ours on one image, in float64 by default:
     with random weights many scores are near-tied, and float32 rounding (ours applies frozen BN inside the
     conv; folding) can swap which of two near-equal candidates survives top-k / NMS; in float64 it cannot, so
@@ -482,7 +487,7 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
             log(f"infer  {variant:<24s} {inference[variant]['ms_per_image_median']:.1f} ms/image")
             detections[variant] = torch.load(out, weights_only=True)
         log("check  fold / channels_last / compile equivalence (float64) ...")
-        checks: dict[str, Any] = dict(float64_detections=check_fold_equivalence(settings, weights))
+        checks: dict[str, Any] = dict(float64_detections=check_float64_detections(settings, weights))
 
     # float32 timed runs: folded variants against ours, for information (near-ties may legitimately swap)
     checks["fold_float32_timed_runs"] = {
@@ -497,9 +502,7 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
             matched_fraction=matched_fraction(detections["torchvision"], detections["ours"]), informational=True)
         tv_losses, our_losses = training["torchvision"]["first_step_losses"], training["ours"]["first_step_losses"]
         checks["ours_vs_torchvision_first_step_losses"] = dict(
-            torchvision=tv_losses, ours=our_losses,
-            passed=tv_losses.keys() == our_losses.keys()
-            and all(abs(tv_losses[k] - our_losses[k]) <= 1e-5 + 1e-4 * abs(tv_losses[k]) for k in tv_losses))
+            torchvision=tv_losses, ours=our_losses, passed=losses_close(our_losses, tv_losses, rtol=1e-4, atol=1e-5))
         checks["trainable_params_equal"] = dict(
             torchvision=training["torchvision"]["trainable_params"], ours=training["ours"]["trainable_params"],
             passed=training["torchvision"]["trainable_params"] == training["ours"]["trainable_params"])
@@ -512,7 +515,7 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
     ours_losses, cl_losses = training["ours"]["first_step_losses"], training["ours_channels_last"]["first_step_losses"]
     checks["channels_last_first_step_losses"] = dict(  # the same sums in another order: rounding only
         ours=ours_losses, ours_channels_last=cl_losses,
-        passed=all(abs(ours_losses[k] - cl_losses[k]) <= 1e-4 + 1e-3 * abs(ours_losses[k]) for k in ours_losses))
+        passed=losses_close(cl_losses, ours_losses, rtol=1e-3, atol=1e-4))
 
     # speedups: > 1 means faster than the reference (torchvision; ours for the folded variants' second column)
     ceiling = results["ceiling"]["gflop_per_s"]
