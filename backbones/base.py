@@ -100,6 +100,8 @@ class Backbone(nn.Module):
 
 
 def check_input(x: Tensor) -> None:
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing (int8 quantisation): there is no shape to check yet
+        return
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"backbones take [N, 3, H, W] images, got shape {tuple(x.shape)}")
 

@@ -94,10 +94,12 @@ class VGG16(Backbone):
         stages = list(self.stage_specs)
         last = len(stages) - 1 if "logits" in wanted else max(stages.index(n) for n in wanted)
         for name, (start, end) in zip(stages[: last + 1], self._stage_ranges):
-            x = self.features[start:end](x)
+            for layer in self.features[start:end]:  # the registered layers themselves (FX tracing looks them up)
+                x = layer(x)
             if name in wanted:
                 outputs[name] = x
         if "logits" in wanted:
-            x = self.features[self._stage_ranges[-1][1]:](x)  # pool5
+            for layer in self.features[self._stage_ranges[-1][1]:]:  # pool5
+                x = layer(x)
             outputs["logits"] = self.classifier(torch.flatten(self.avgpool(x), 1))
         return outputs

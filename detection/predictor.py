@@ -23,6 +23,7 @@ from .datasets import VOC_CLASSES
 from .inference import detect, to_original_size
 from .fast import optimize_for_inference
 from .models import build_detector
+from .quantize import calibration_batches, quantize_int8
 from .synthetic import CLASSES as SHAPES_CLASSES
 from .transforms import build_det_transforms
 
@@ -80,12 +81,14 @@ class Predictor:
 
     `fast` folds the BatchNorms into the convolutions and runs channels_last, `compile` (with `fast`) also
     compiles backbone + FPN (`detection.fast.optimize_for_inference`): the same detections up to float32
-    rounding (exact in float64); docs/benchmarks.md has the speed of each.
+    rounding (exact in float64); docs/benchmarks.md has the speed of each. `int8=N` (CPU) instead runs the
+    dense parts in int8, calibrated on the first N training images of the run's data (`detection.quantize`):
+    faster again, not exact (its AP cost on trained models is in docs/benchmarks.md).
     `eval.scales` / `eval.flip` in the config switch on test-time augmentation, as in test_det.py.
     """
 
     def __init__(self, config: str | Path | DictConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
-                 score_thresh: float | None = None, *, fast: bool = True, compile: bool = False) -> None:
+                 score_thresh: float | None = None, *, fast: bool = True, compile: bool = False, int8: int = 0) -> None:
         self.cfg = load_run_config(config, DEFAULT_CONFIG)
         self.device = torch.device(device)
         self.class_names, self.category_ids = label_space(self.cfg)
@@ -94,7 +97,11 @@ class Predictor:
         if score_thresh is not None:
             model.roi_heads.score_thresh = score_thresh
         model.eval()
-        if fast:
+        if int8:
+            if self.device.type != "cpu":
+                raise ValueError(f"int8 runs on the CPU, not {self.device}")
+            quantize_int8(model, calibration_batches(self.cfg.data, int8, self.cfg.eval.batch_size))
+        elif fast:
             optimize_for_inference(model, compile=compile)
         self.model = model.to(self.device)
         sizes = [self.cfg.data.min_size] if isinstance(self.cfg.data.min_size, int) else list(self.cfg.data.min_size)

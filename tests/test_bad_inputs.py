@@ -344,6 +344,10 @@ BAD_INPUTS = [
     ("tool_test_det_no_checkpoint", cli(test_det.main, "--checkpoint", "{tmp}/none.pth"), 2, r"none\.pth: no such file"),
     ("tool_test_det_bad_metric", lambda tmp: cli(test_det.main, "--checkpoint", str(existing_checkpoint(tmp)),
                                                  "eval.metric=map")(tmp), 2, r"'eval\.metric' = 'map'"),
+    ("tool_test_det_int8_compile", cli(test_det.main, "--checkpoint", "{tmp}/none.pth", "--int8", "--compile"), 2,
+     r"--int8 is its own fast form: it does not combine with --no-fast or --compile"),
+    ("tool_test_det_int8_no_images", cli(test_det.main, "--checkpoint", "{tmp}/none.pth", "--int8",
+                                         "--calibration-images", "0"), 2, r"--calibration-images must be >= 1, got 0"),
     ("tool_transfer_no_seeds", cli(transfer.main, "seeds=[]"), 2, r"'seeds' = \[\]"),
 ]
 

@@ -50,7 +50,7 @@ def test_json_has_every_field_and_positive_numbers(tiny_run):
     assert train["gflop_per_step"] > 0 and 0 < train["ceiling_fraction"] < 1.5
     assert r["ceiling"]["gflop_per_s"] > 1 and r["ceiling"]["threads"] == 1
     # torchvision only for resnet50
-    assert set(r["inference"]) == {"ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled"}
+    assert set(r["inference"]) == {"ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled", "ours_int8"}
     gflop = {res["gflop"] for res in r["inference"].values()}
     assert len(gflop) == 1 and gflop.pop() > 0  # the same arithmetic, counted on the same input
     for variant, res in r["inference"].items():
@@ -62,6 +62,9 @@ def test_json_has_every_field_and_positive_numbers(tiny_run):
         assert res["memory"]["delta_mb"] >= 0
     assert r["inference"]["ours"]["batchnorms_left"] > 0
     assert r["inference"]["ours_fold"]["batchnorms_left"] == 0
+    int8 = r["checks"]["int8_vs_ours_detections"]  # not exact: reported, never a pass / fail
+    assert int8["informational"] and 0 <= int8["matched_fraction"] <= 1 and "passed" not in int8
+    assert "ours_int8" not in r["checks"]["float64_detections"]
 
 
 def test_folded_and_channels_last_give_the_same_detections(tiny_run):

@@ -11,7 +11,8 @@ Measured (see docs/benchmarks.md for the method and results):
   against ours (FrozenBN, freeze_at=2);
 - inference latency (ms/image, median, batch 1): torchvision; ours; ours with BN folded into the convs;
   ours folded + channels_last; that plus backbone + FPN compiled (`detection.fast.optimize_for_inference`,
-  the form test_det / visualize_det / the Predictor run), with the time of each stage (transform, backbone +
+  the form test_det / visualize_det / the Predictor run); on CPU also the int8 form (`detection.quantize`,
+  `test_det.py --int8`; not exact, so outside the checks); with the time of each stage (transform, backbone +
   FPN, RPN, RoI heads, post-processing);
 - where the time goes: the arithmetic of each (model, phase) counted on the same input
   (`torch.utils.flop_counter.FlopCounterMode`: convolutions and matrix products), the GFLOP/s achieved, and
@@ -56,12 +57,15 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from backbones import fold_batchnorm  # noqa: E402
 from detection.fast import optimize_for_inference, to_channels_last  # noqa: E402
 from detection.models import build_detector  # noqa: E402
+from detection.quantize import quantize_int8  # noqa: E402
 
 NUM_CLASSES = 90  # COCO's foreground classes; torchvision counts 91 with the background
-INFER_VARIANTS = ("torchvision", "ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled")
+INT8 = "ours_int8"  # CPU only, and not exact: outside the equivalence checks (its AP cost: docs/benchmarks.md)
+INFER_VARIANTS = ("torchvision", "ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled", INT8)
 TRAIN_MODELS = ("torchvision", "ours", "ours_channels_last")
-CHANNELS_LAST = ("ours_fold_channels_last", "ours_fast_compiled")
-FASTER = INFER_VARIANTS[2:]  # the variants that change the model: BN folded, and more
+CHANNELS_LAST = ("ours_fold_channels_last", "ours_fast_compiled", INT8)
+FASTER = INFER_VARIANTS[2:5]  # the exact variants that change the model: BN folded, and more
+CALIBRATION_IMAGES = 4
 STAGES = ("transform", "backbone_fpn", "rpn", "roi_heads", "postprocess")
 RESULT_TAG = "BENCHMARK_PHASE_RESULT "
 DEFAULTS = dict(size=512, batch=2, warmup=2, iters=5, threads=2, device="cpu", backbone="resnet50",
@@ -113,8 +117,12 @@ def build_model(name: str, settings: dict, weights: str | Path) -> FasterRCNN:
     return model
 
 
-def apply_variant(model: FasterRCNN, variant: str) -> FasterRCNN:
-    """The inference variants, step by step: fold BN, then channels_last, then the compiled whole."""
+def apply_variant(model: FasterRCNN, variant: str, settings: dict) -> FasterRCNN:
+    """The inference variants, step by step: fold BN, then channels_last, then the compiled whole; or int8,
+    calibrated on a few other random images (enough for timing: its accuracy is measured on trained models)."""
+    if variant == INT8:
+        calibration = make_images(CALIBRATION_IMAGES, settings["size"], settings["seed"] + 200)
+        return quantize_int8(model, [[image] for image in calibration])
     if variant == "ours_fast_compiled":
         return optimize_for_inference(model, compile=True)
     if "fold" in variant:
@@ -322,7 +330,7 @@ def run_infer(spec: dict) -> dict:
     image = make_images(1, settings["size"], settings["seed"] + 100)[0].to(device)
     with torch.inference_mode():  # counted on the model as built: folding removes only BN, which is not counted
         gflop = count_gflop(lambda: model([image]))
-    model = apply_variant(model, variant)
+    model = apply_variant(model, variant, settings)
     if variant in CHANNELS_LAST:  # an HWC-strided image; the batching copy makes it NCHW again (see to_channels_last)
         image = image[None].contiguous(memory_format=torch.channels_last)[0]
     memory = PeakMemory(device)
@@ -417,10 +425,10 @@ def check_float64_detections(settings: dict, weights: str | Path, dtype: torch.d
     settings = {**settings, "score_thresh": 0.0}  # always 100 detections to compare, whatever the weights score
     image = make_images(1, settings["size"], settings["seed"] + 100)[0].to(device, dtype)
     outputs = {}
-    compared = [v for v in INFER_VARIANTS if v != "torchvision" or settings["backbone"] == "resnet50"]
+    compared = [v for v in INFER_VARIANTS if v != INT8 and (v != "torchvision" or settings["backbone"] == "resnet50")]
     for variant in compared:
         name = "torchvision" if variant == "torchvision" else "ours"
-        model = apply_variant(build_model(name, settings, weights).to(device, dtype).eval(), variant)
+        model = apply_variant(build_model(name, settings, weights).to(device, dtype).eval(), variant, settings)
         image_in = image[None].contiguous(memory_format=torch.channels_last)[0] if variant in CHANNELS_LAST else image
         outputs[variant] = {k: v.cpu() for k, v in model([image_in])[0].items()}
         del model
@@ -462,7 +470,7 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
         raise RuntimeError("--device cuda but CUDA is not available")
     compare = settings["backbone"] == "resnet50"
     train_models = TRAIN_MODELS if compare else TRAIN_MODELS[1:]
-    infer_variants = INFER_VARIANTS if compare else INFER_VARIANTS[1:]
+    infer_variants = [v for v in INFER_VARIANTS if (compare or v != "torchvision") and (settings["device"] == "cpu" or v != INT8)]
     run = run_phase_isolated if isolate else run_phase
     results: dict[str, Any] = dict(
         settings=settings, environment=environment(settings),
@@ -496,6 +504,10 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
         for v in infer_variants if v in FASTER}
     for v in checks["fold_float32_timed_runs"].values():
         v["informational"] = True
+    if INT8 in detections:  # how far int8 moves a random model's detections; trained models: docs/benchmarks.md
+        checks["int8_vs_ours_detections"] = dict(matched_fraction=matched_fraction(detections["ours"], detections[INT8],
+                                                                                   box_tol=2.0, score_tol=0.05),
+                                                 box_tol=2.0, score_tol=0.05, informational=True)
     if compare:  # float32: informational like the above; the float64 check (float64_detections's "torchvision") decides
         checks["ours_vs_torchvision_detections"] = dict(
             compare_detections(detections["ours"], detections["torchvision"], rtol=1e-3, atol=1e-2),
@@ -540,7 +552,8 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
 
 LABELS = dict(torchvision="torchvision R50-FPN", ours="ours", ours_fold="ours + fold BN",
               ours_fold_channels_last="ours + fold BN + channels_last",
-              ours_fast_compiled="ours + fold BN + channels_last + compile", ours_channels_last="ours, channels_last")
+              ours_fast_compiled="ours + fold BN + channels_last + compile", ours_channels_last="ours, channels_last",
+              ours_int8="ours + fold BN + channels_last + int8 (not exact)")
 
 
 def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:

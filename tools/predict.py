@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="detection: also compile backbone + FPN (pays off "
                                                                "on many images of few sizes)")
+    parser.add_argument("--int8", type=int, default=0, metavar="N", help="detection, CPU: run the dense parts in int8, "
+                        "calibrated on the first N training images of the run's data (e.g. 32); not exact")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier predictions.json in --out")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.parent / "predictions"
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"no images found in {args.input}")
     if task == "detection":
         predictor = DetectionPredictor(cfg, args.checkpoint, device=args.device, score_thresh=args.score_thresh,
-                                       compile=args.compile)
+                                       compile=args.compile, int8=args.int8)
     else:
         if args.score_thresh is not None:
             print("--score-thresh applies to detection runs only; ignored", file=sys.stderr)

@@ -33,6 +33,7 @@ from detection.evaluation import CocoEvaluator, format_per_class_table  # noqa: 
 from detection.fast import optimize_for_inference  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector, load_detector_weights  # noqa: E402
+from detection.quantize import calibration_batches, quantize_int8  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
 from engine.loop import amp_dtype, eval_loader  # noqa: E402
@@ -52,9 +53,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-fast", action="store_true", help="run the model as trained (BN unfolded, NCHW) instead "
                                                                "of the faster equivalent form (detection.fast)")
     parser.add_argument("--compile", action="store_true", help="also compile backbone + FPN (pays off on long runs)")
+    parser.add_argument("--int8", action="store_true", help="CPU: backbone + FPN, RPN conv and box head in int8 "
+                        "(detection.quantize), calibrated on --calibration-images training images; not exact")
+    parser.add_argument("--calibration-images", type=int, default=32, metavar="N",
+                        help="with --int8: the first N training images set the activation ranges (default 32)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
+    if args.int8 and (args.no_fast or args.compile):
+        parser.error("--int8 is its own fast form: it does not combine with --no-fast or --compile")
+    if args.int8 and args.calibration_images < 1:
+        parser.error(f"--calibration-images must be >= 1, got {args.calibration_images}")
     if not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
     out = args.out or args.checkpoint.with_name("test_metrics.json")
@@ -71,7 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
                          collate_fn=collate)
     model = build_detector(cfg.model)
     load_detector_weights(model, args.checkpoint)
-    if not args.no_fast:
+    if args.int8:
+        if device.type != "cpu":
+            parser.error(f"--int8 runs on the CPU (device={cfg.device})")
+        quantize_int8(model, calibration_batches(cfg.data, args.calibration_images, cfg.eval.batch_size))
+    elif not args.no_fast:
         optimize_for_inference(model, compile=args.compile)
     model.to(device)
 
@@ -94,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "single_scale": single[key], "gain": metrics[key] - single[key]}
 
     if is_main_process():
+        if args.int8:
+            metrics["int8"] = {"calibration_images": args.calibration_images}
         out.write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n")
         plot = out.with_name("pr_curves.png")
         ap_key = "AP50_per_class" if "AP50_per_class" in metrics else "AP_per_class"  # COCO: AP at IoU .5
