@@ -62,9 +62,8 @@ def test_json_has_every_field_and_positive_numbers(tiny_run):
         assert res["memory"]["delta_mb"] >= 0
     assert r["inference"]["ours"]["batchnorms_left"] > 0
     assert r["inference"]["ours_fold"]["batchnorms_left"] == 0
-    int8 = r["checks"]["int8_vs_ours_detections"]  # not exact: reported, never a pass / fail
-    assert int8["informational"] and 0 <= int8["matched_fraction"] <= 1 and "passed" not in int8
-    assert "ours_int8" not in r["checks"]["float64_detections"]
+    # int8 is not exact: timed, but outside the equivalence checks (its AP cost is measured on trained models)
+    assert "ours_int8" not in r["checks"]["float64_detections"] and "ours_int8" not in r["checks"]["fold_float32_timed_runs"]
 
 
 def test_folded_and_channels_last_give_the_same_detections(tiny_run):

@@ -135,3 +135,14 @@ def test_statistics_and_orderings_over_seeds():
                                           "comparisons": list(held.values())})
     assert "| transfer_raccoon_ap | resnet18_pretrained − resnet18_scratch | +11.00 | [" in markdown
     assert "| transfer_raccoon_ap | resnet18_pretrained | 3 | 31.00 | 1.00 | [28.52, 33.48] |" in markdown
+
+
+def test_a_variant_names_its_own_experiments():
+    results = _results({("resnet18", True): [0.30, 0.32, 0.31], ("resnet18", False): [0.20, 0.21, 0.19],
+                        ("plain18", True): [0.25, 0.10, 0.28], ("plain18", False): [0.20, 0.22, 0.21]})
+    plain, variant = (transfer.reproduction_experiments(results, "raccoon", v) for v in (None, "pretrain15ep"))
+    assert sorted(variant) == sorted(f"{name}_pretrain15ep" for name in plain)
+    assert all(variant[f"{name}_pretrain15ep"] == plain[name] for name in plain)
+    held = {(c["experiment"], c["a"], c["b"]) for c in transfer.comparisons(variant, results["backbones"])}
+    assert ("transfer_raccoon_ap_pretrain15ep", "resnet18_pretrained", "resnet18_scratch") in held
+    assert ("pretrain_top1_pretrain15ep", "resnet18", "plain18") in held

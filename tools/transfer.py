@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"metric": metric, "backbones": list(cfg.backbones), "seeds": list(cfg.seeds), "cells": cells,
                "classification": classification, "stages_run": ran, "wall_s": time.time() - start,
                "config": OmegaConf.to_container(cfg)}
-    experiments = reproduction_experiments(results, cfg.det.name)
+    experiments = reproduction_experiments(results, cfg.det.name, cfg.variant)
     results.update(experiments=experiments, summaries=summaries(experiments),
                    comparisons=comparisons(experiments, list(cfg.backbones)))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -175,10 +175,11 @@ def fmt(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
-def reproduction_experiments(results: dict, dataset: str) -> dict[str, dict]:
+def reproduction_experiments(results: dict, dataset: str, variant: str | None = None) -> dict[str, dict]:
     """The runs in docs/reproduction.json's schema: pretrain_top1 / pretrain_train_error (condition = backbone)
-    and transfer_<dataset>_ap50 (+ _ap for COCO metrics) with conditions <backbone>_scratch / _pretrained.
-    Values in percent. AP50 is COCO's AP at IoU 0.5 (101-point) with eval.metric=coco, else the VOC mAP."""
+    and transfer_<dataset>_ap50 (+ _ap for COCO metrics) with conditions <backbone>_scratch / _pretrained,
+    each name ending in _<variant> when there is one. Values in percent. AP50 is COCO's AP at IoU 0.5
+    (101-point) with eval.metric=coco, else the VOC mAP."""
     coco = results["metric"] == "AP"
     experiments = {
         "pretrain_top1": _experiment("classification val top-1 (%)", True,
@@ -195,7 +196,7 @@ def reproduction_experiments(results: dict, dataset: str) -> dict[str, dict]:
         runs = [(f"{c['backbone']}_{'pretrained' if c['pretrained'] else 'scratch'}", c["seed"],
                  None if c.get(key) is None else 100 * c[key]) for c in results["cells"]]
         experiments[f"transfer_{dataset}_{suffix}"] = _experiment(metric, True, runs)
-    return experiments
+    return {f"{name}_{variant}" if variant else name: experiment for name, experiment in experiments.items()}
 
 
 def _experiment(metric: str, higher_is_better: bool, runs: list[tuple[str, int, float | None]]) -> dict:
