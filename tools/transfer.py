@@ -309,7 +309,7 @@ def plot_transfer(results: dict, path: Path) -> None:
         ax.bar(xs, means, width, yerr=errors, capsize=4, label=label, color=colour)
     ax.set_ylim(bottom=0)
     ax.set_xticks(range(len(backbones)), backbones)
-    ax.set(ylabel=f"{metric} (%)", title=f"Detection {metric}, mean over seeds {results['seeds']} (bars: 95 % CI)")
+    ax.set(ylabel=f"{metric} (%)", title=f"Detection {metric}, mean over seeds {results['seeds']}\n(bars: 95 % CI)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=100)
