@@ -1,7 +1,8 @@
-"""int8 post-training quantisation of backbone + FPN for CPU inference (PyTorch's x86 backend, FX graph mode).
+"""int8 post-training quantisation of a detector's dense parts for CPU inference (PyTorch's x86 backend, FX mode).
 
-Backbone + FPN are two thirds of a CPU forward and dense convolutions at the FP32 ceiling; in int8 (fbgemm /
-oneDNN u8 x s8 kernels) they run about twice as fast. The RPN, RoIAlign, the box head and NMS stay in float.
+Backbone + FPN, the RPN's 3x3 conv and the box head's fc layers are dense arithmetic at the FP32 ceiling; in int8
+(fbgemm / oneDNN u8 x s8 kernels) they run about twice as fast. RoIAlign, the RPN's 1x1 outputs, the class / box
+predictor and NMS stay in float.
 The weights are quantised per output channel; each activation gets one scale, set from a histogram of its
 values over a few calibration images (the training images the model was fitted to). Not exact: the AP it
 costs is measured on trained models in docs/benchmarks.md, so measure it on yours with `test_det.py --int8`.
@@ -44,10 +45,11 @@ def quantize_int8(model: FasterRCNN, calibration: Iterable[list[Tensor]]) -> Fas
         raise ValueError("int8 quantisation runs on the CPU: move the model there first")
     torch.backends.quantized.engine = BACKEND
     fold_batchnorm(model.eval())
-    parts = [path for path in INT8_PARTS if _has_submodule(model, path)]
+    modules = dict(model.named_modules())
+    parts = [path for path in INT8_PARTS if path in modules]
     with warnings.catch_warnings():  # the FX API's deprecation notice (see the module docstring)
         warnings.filterwarnings("ignore", module=r"torch\.ao\.")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")  # attributed to this module
         for path in parts:  # observers in place of each part
             graph = _without_identities(fx.symbolic_trace(model.get_submodule(path)))
             model.set_submodule(path, prepare_fx(graph, get_default_qconfig_mapping(BACKEND), example_inputs=()))
@@ -70,14 +72,6 @@ def calibration_batches(data: Mapping[str, Any], num_images: int, batch_size: in
     dataset = build_dataset(data, records[:num_images], train=False)
     for start in range(0, len(dataset), batch_size):
         yield [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
-
-
-def _has_submodule(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _without_identities(graph_module: fx.GraphModule) -> fx.GraphModule:

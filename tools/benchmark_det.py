@@ -470,7 +470,8 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
         raise RuntimeError("--device cuda but CUDA is not available")
     compare = settings["backbone"] == "resnet50"
     train_models = TRAIN_MODELS if compare else TRAIN_MODELS[1:]
-    infer_variants = [v for v in INFER_VARIANTS if (compare or v != "torchvision") and (settings["device"] == "cpu" or v != INT8)]
+    infer_variants = [v for v in INFER_VARIANTS
+                      if (compare or v != "torchvision") and (settings["device"] == "cpu" or v != INT8)]
     run = run_phase_isolated if isolate else run_phase
     results: dict[str, Any] = dict(
         settings=settings, environment=environment(settings),
