@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import train_cls  # noqa: E402
 import train_det  # noqa: E402
+from backbones.build import backbone_names  # noqa: E402
 from engine.config import config_or_exit, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 from engine.stats import compare, summarize  # noqa: E402
@@ -48,12 +49,18 @@ STAGE_LOG = "stages.log"
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="transfer experiment YAML (may use _base_)")
+    parser.add_argument("--pretrain-only", action="store_true",
+                        help="run the pretraining stages only (a study's long classification runs can start before "
+                             "its detection settings are final); a later call without it does the rest")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
     unknown = sorted(set(cfg.per_backbone) - set(cfg.backbones))
     if unknown:
         parser.error(f"per_backbone names {unknown}, which are not in backbones {list(cfg.backbones)}")
+    scratch = list(cfg.backbones) if cfg.scratch is None else list(cfg.scratch)
+    if set(scratch) - set(backbone_names()):  # not checked against `backbones`: a call may run a subset of them
+        parser.error(f"scratch names {sorted(set(scratch) - set(backbone_names()))}, which are not backbones")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml")
@@ -83,9 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
                 classification.append({"backbone": backbone, "seed": cls_seed, "top1": cls_metrics["top1"],
                                        "top5": cls_metrics.get("top5"), "train_top1": cls_metrics.get("train_top1"),
                                        "wall_s": cls_wall, "history": str(cls_dir / HISTORY)})
+            if args.pretrain_only:
+                continue
 
-            # (2) + (3) detection from the pretrained backbone and from scratch, same schedule
-            for pretrained in (True, False):
+            # (2) + (3) detection from the pretrained backbone and from scratch (same schedule) where asked
+            for pretrained in (True, False) if backbone in scratch else (True,):
                 weights = str(cls_dir / "backbone.pth") if pretrained else "null"
                 det_argv = _argv(cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
                                                   f"model.backbone.weights={weights}"])
@@ -97,6 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
                               "cls_train_top1": cls_metrics.get("train_top1") if pretrained else None,
                               "cls_wall_s": cls_wall if pretrained else None, "det_wall_s": det_wall})
 
+    if args.pretrain_only:
+        print(f"[transfer] pretraining done in {fmt(time.time() - start)}: {len(ran)} stage(s) run; detection "
+              f"comes with the same command without --pretrain-only")
+        return {"classification": classification, "stages_run": ran}
     metric = "AP" if "AP" in cells[0] else "mAP"
     results = {"metric": metric, "backbones": list(cfg.backbones), "seeds": list(cfg.seeds), "cells": cells,
                "classification": classification, "stages_run": ran, "wall_s": time.time() - start,
