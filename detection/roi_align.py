@@ -63,7 +63,12 @@ class _SparseBackward(torch.autograd.Function):
 def roi_align_backward(grad_out: Tensor, rois: Tensor, input_shape: torch.Size, spatial_scale: float,
                        output_size: tuple[int, int], sampling_ratio: int) -> Tensor:
     """The gradient of `torchvision.ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio,
-    aligned=False)` w.r.t. `input` of `input_shape` (N, C, H, W), for `grad_out` of shape (K, C, PH, PW)."""
+    aligned=False)` w.r.t. `input` of `input_shape` (N, C, H, W), for `grad_out` of shape (K, C, PH, PW).
+    A bf16 / fp16 gradient (autocast) is computed in float32 and cast back, as torchvision's autocast RoIAlign
+    does (MKL has no low-precision sparse product, and low-precision tap weights would move the samples)."""
+    if grad_out.dtype in (torch.bfloat16, torch.float16):
+        return roi_align_backward(grad_out.float(), rois, input_shape, spatial_scale, output_size,
+                                  sampling_ratio).to(grad_out.dtype)
     n, c, height, width = input_shape
     cols, weights = _bilinear_taps(rois.to(grad_out.dtype), spatial_scale, height, width, output_size, sampling_ratio)
     # S^T in CSR: rows = input pixels, so each output row is summed by one thread in a fixed order (deterministic)

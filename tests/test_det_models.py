@@ -140,3 +140,27 @@ def test_roi_align_sparse_backward_equals_torchvision(levels, sampling_ratio):
     for g_ours, g_ref in zip(got, expected):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
     assert any(g.abs().sum() > 0 for g in got)
+
+
+def test_roi_align_sparse_backward_under_bf16_autocast_equals_torchvision():
+    """train.amp=bf16 on the CPU: the bf16 gradient is computed in float32 and cast back, as torchvision's autocast
+    RoIAlign does, so it equals torchvision's up to the float32 sum order (bf16 rounds that away almost always)."""
+    from torchvision.ops import MultiScaleRoIAlign as Reference
+
+    from detection.roi_align import MultiScaleRoIAlign
+    g = torch.Generator().manual_seed(1)
+    levels, size = ["p2", "p3"], 96
+    features = {name: torch.randn(2, 16, size // 2 ** (i + 2), size // 2 ** (i + 2), generator=g).bfloat16()
+                for i, name in enumerate(levels)}
+    boxes = [torch.tensor([[4.0, 6.0, 60.0, 50.0], [10.0, 0.0, 95.0, 90.0], [30.0, 30.0, 33.0, 34.0]])] * 2
+    grads = []
+    for pooler in (Reference(levels, 7, 2), MultiScaleRoIAlign(levels, 7, 2)):
+        inputs = {k: v.clone().requires_grad_() for k, v in features.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pooler(inputs, boxes, [(size, size)] * 2)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
+        grads.append([v.grad for v in inputs.values()])
+    for g_ours, g_ref in zip(*grads[::-1]):
+        assert g_ours.dtype == g_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(g_ours.float(), g_ref.float(), rtol=1e-2, atol=1e-3)
+        assert (g_ours == g_ref).float().mean() > 0.99  # bit-identical but for rare float32 sum-order roundings

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     demo = resolve_demo_data(cfg, args)
     checkpoint = start_run(cfg.output_dir, cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
     rank, world_size, device = init_distributed(cfg.device)
+    amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read
     seed_everything(cfg.train.seed, rank)
 
     # --- data: both splits must agree on the class list, or label indices silently mean different classes
