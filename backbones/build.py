@@ -63,8 +63,10 @@ def _output_stride(options: dict[str, Any]) -> int:
 
 
 def build_backbone(name: str, *, out_features: Sequence[str] = DEFAULT_OUT_FEATURES, freeze_at: int = 0,
-                   norm: str = "BN", weights: str | Path | None = None, **options: Any) -> Backbone:
-    """Build a backbone by name, load `weights`, then freeze the first `freeze_at` stages.
+                   norm: str = "BN", weights: str | Path | None = None, partial_weights: bool = False,
+                   **options: Any) -> Backbone:
+    """Build a backbone by name, load `weights` (the whole backbone, or what fits with `partial_weights`), then
+    freeze the first `freeze_at` stages.
 
     Names: resnet18/34/50/101/152, plain18/34/50/101/152, resnext50_32x4d, resnext101_32x8d,
     wide_resnet50_2, preact_resnet18/50, the CIFAR nets resnet20/32/44/56/110/1202 and plain20..110
@@ -111,7 +113,7 @@ def build_backbone(name: str, *, out_features: Sequence[str] = DEFAULT_OUT_FEATU
         raise ValueError(f"unknown backbone {name!r}; valid names are {backbone_names()}")
 
     if weights:
-        load_backbone_weights(backbone, weights, stride_in_1x1=stride_in_1x1)
+        load_backbone_weights(backbone, weights, stride_in_1x1=stride_in_1x1, partial=partial_weights)
     backbone.set_out_features(out_features)
     backbone.freeze(freeze_at)
     if norm_eval:

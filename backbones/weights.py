@@ -3,8 +3,9 @@
 A backbone checkpoint is `{"state_dict", "preprocessing", "stride_in_1x1", "name"}`; a raw
 torchvision state dict (just tensors) also loads, and so does the backbone part of a whole model: a ResDet
 training checkpoint (`{"model": ...}` with `backbone.body.*` / `backbone.*` keys) or a torchvision /
-Detectron2-style detector state dict. Fewer than half the backbone's keys matching is an error, never a
-silent random start. Never unpickles: `torch.load(weights_only=True)`.
+Detectron2-style detector state dict. A file that does not fill the whole backbone, or that carries backbone
+tensors it has no place for, is an error naming the architecture it looks like (unless a partial load is asked
+for), never a silent partial start. Never unpickles: `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from .base import Backbone, Preprocessing
 logger = logging.getLogger(__name__)
 
 
-MIN_MATCHED = 0.5
-"""Fraction of the backbone's keys a checkpoint must fill; below it the weights are refused."""
 CLASSIFIER_PREFIXES = ("fc.", "classifier.6.")
 """Keys of the 1000-way layer, which backbone exports drop: not counted as missing."""
 
@@ -64,9 +63,14 @@ def read_state_dict(weights: str | Path) -> dict:
     raise FileNotFoundError(f"backbone weights {str(weights)!r}: no such file (nor a torchvision weights name)")
 
 
-def load_backbone_weights(backbone: Backbone, weights: str | Path, *, stride_in_1x1: bool | None = None) -> LoadReport:
-    """Load `weights` into `backbone` (strict=False) and report what did not match.
+def load_backbone_weights(backbone: Backbone, weights: str | Path, *, stride_in_1x1: bool | None = None,
+                          partial: bool = False) -> LoadReport:
+    """Load `weights` into `backbone` and report what was loaded.
 
+    The file must fill the whole backbone and carry no backbone tensor the backbone has no place for (another
+    depth or width of the same family fills the stem and the norms by name and shape, and would train as a silent
+    hybrid); only the classifier (`CLASSIFIER_PREFIXES`) and BN's `num_batches_tracked` may differ. `partial=True`
+    (config `model.backbone.partial_weights`) loads what fits on purpose and logs exactly which tensors.
     If the checkpoint records the preprocessing it was trained with, the backbone adopts it (and we
     warn when it differs from the backbone's default), so detectors normalise inputs the way the
     weights expect.
@@ -75,32 +79,35 @@ def load_backbone_weights(backbone: Backbone, weights: str | Path, *, stride_in_
     tensors = _tensors(checkpoint, weights)
     own = {k: v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}
     prefix = _backbone_prefix(tensors, own)
-    state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state_dict = {k[len(prefix):]: v for k, v in tensors.items()
+                  if k.startswith(prefix) and not k.endswith("num_batches_tracked")}
     fits = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
-    wanted = [k for k in own if not (k.startswith(CLASSIFIER_PREFIXES) and k not in state_dict)]
-    matched = sum(k in fits for k in wanted)
-    if matched < MIN_MATCHED * len(wanted):
-        theirs = [k for k in tensors if k.removeprefix(prefix) not in fits][:4]
-        ours = [k for k in wanted if k not in fits][:4]
-        shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                  if k in state_dict and k not in fits][:2]
-        raise ValueError(f"backbone weights {weights}: only {matched} of the backbone's {len(wanted)} keys match "
-                         f"(best key prefix {prefix!r}); checkpoint keys e.g. {theirs}, backbone keys e.g. {ours}"
-                         + (f", shape mismatches e.g. {shapes}" if shapes else "")
-                         + "; is it the weights of another architecture (model.backbone.name)?")
+    optional = [k for k in own if k.startswith(CLASSIFIER_PREFIXES) and k not in fits]  # a new classifier is fine
+    missing = [k for k in own if k not in fits and k not in optional]
+    extra = [k for k in state_dict if k not in fits and not k.startswith(CLASSIFIER_PREFIXES)]
+    report = LoadReport(missing=missing, unexpected=extra, matched=len(own) - len(missing) - len(optional),
+                        total=len(own) - len(optional), prefix=prefix)
+    if (missing or extra) and (not partial or not fits):
+        shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in extra if k in own][:2]
+        raise ValueError(
+            f"backbone weights {weights}: look like {describe_architecture(state_dict)}, not this "
+            f"{describe_architecture(own)} backbone: {report.matched} of its {report.total} tensors filled, "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} in the file with no place in it "
+            f"(e.g. {extra[:3]})" + (f", shape mismatches e.g. {shapes}" if shapes else "")
+            + (f" (keys under {prefix!r})" if prefix else "")
+            + ("; nothing fits at all" if not fits else "; set model.backbone.partial_weights=true to load the "
+               "tensors that fit on purpose, or check model.backbone.name"))
     if prefix:
-        logger.warning("%s: loading its backbone part (keys under %r): %d of %d backbone keys", weights, prefix,
-                       matched, len(wanted))
-    result = backbone.load_state_dict(fits, strict=False)
-    report = LoadReport(
-        missing=[k for k in result.missing_keys if not k.endswith("num_batches_tracked")],
-        unexpected=[k for k in state_dict if k not in fits and not k.endswith("num_batches_tracked")],
-        matched=matched, total=len(wanted), prefix=prefix,
-    )
-    if report.missing:
-        logger.warning("%s: %d backbone keys not in the checkpoint: %s", weights, len(report.missing), report.missing[:8])
-    if report.unexpected:
-        logger.warning("%s: %d checkpoint keys unused: %s", weights, len(report.unexpected), report.unexpected[:8])
+        logger.warning("%s: loading its backbone part (keys under %r): %d of %d backbone tensors", weights, prefix,
+                       report.matched, report.total)
+    backbone.load_state_dict(fits, strict=False)
+    unused_classifier = [k for k in state_dict if k.startswith(CLASSIFIER_PREFIXES) and k not in fits]
+    if unused_classifier:
+        logger.info("%s: its classifier is not loaded (%s)", weights, ", ".join(unused_classifier))
+    if missing or extra:
+        logger.warning("%s: partial_weights: loaded %d of the backbone's %d tensors: %s; left as initialised "
+                       "(%d): %s; unused from the file (%d): %s", weights, report.matched, report.total,
+                       sorted(k for k in fits if k not in optional), len(missing), missing, len(extra), extra)
 
     if "preprocessing" in checkpoint:
         stored = Preprocessing.from_dict(checkpoint["preprocessing"])
@@ -112,6 +119,25 @@ def load_backbone_weights(backbone: Backbone, weights: str | Path, *, stride_in_
         warnings.warn(f"{weights}: trained with stride_in_1x1={checkpoint['stride_in_1x1']} but the backbone "
                       f"is built with stride_in_1x1={stride_in_1x1}; features will be wrong", stacklevel=2)
     return report
+
+
+def describe_architecture(state_dict: dict[str, torch.Tensor]) -> str:
+    """What a state dict's keys say it is: the ResNet-family names with its block kind and blocks per stage
+    (`resnet50 / resnext50_32x4d / wide_resnet50_2 (bottleneck blocks 3-4-6-3)`), VGG-16, or a key count."""
+    from .build import RESNETS  # a cycle at import time otherwise: build imports this module
+
+    blocks = [1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith(f"layer{i}.")
+                       and k.split(".")[1].isdigit()), default=-1) for i in (1, 2, 3, 4)]
+    if all(blocks):
+        kind = "bottleneck" if any(k.endswith("conv3.weight") for k in state_dict if k.startswith("layer")) else "basic"
+        residual = any(".downsample." in k or ".shortcut." in k for k in state_dict)
+        names = [name for name, (block, layers, variant) in RESNETS.items() if block == kind
+                 and tuple(layers) == tuple(blocks) and variant.get("residual", True) == residual
+                 and not variant.get("preact")]
+        return f"{' / '.join(names) or 'a ResNet-style net'} ({kind} blocks {'-'.join(map(str, blocks))})"
+    if any(k.startswith("features.") for k in state_dict):
+        return "a VGG-style net (features.*)"
+    return f"an unrecognised net ({len(state_dict)} tensors, e.g. {list(state_dict)[:2]})"
 
 
 def _tensors(checkpoint: dict, weights: str | Path) -> dict[str, torch.Tensor]:

@@ -53,5 +53,7 @@ def build_classifier(cfg_model: Mapping[str, Any] | DictConfig, num_classes: int
     if isinstance(options, DictConfig):
         options = OmegaConf.to_container(options, resolve=True)
     backbone = build_backbone(name, out_features=["logits"], norm=cfg_model["backbone"]["norm"],
+                              weights=cfg_model["backbone"].get("weights"),
+                              partial_weights=cfg_model["backbone"].get("partial_weights", False),
                               num_classes=num_classes, **options)
     return Classifier(backbone, upsample=cfg_model["upsample"] if adapter == "upsample" else 1.0)

@@ -131,7 +131,7 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
         out_features = ("conv5",)
         options.setdefault("num_classes", 1000)  # build the classifier so fc6/fc7 (and their weights) exist
     body = build_backbone(bb["name"], out_features=out_features, freeze_at=bb["freeze_at"], norm=bb["norm"],
-                          weights=bb["weights"], **options)
+                          weights=bb["weights"], partial_weights=bb.get("partial_weights", False), **options)
 
     anchor_sizes = tuple(cfg["anchor_sizes"])
     aspect_ratios = tuple(cfg["aspect_ratios"])

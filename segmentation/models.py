@@ -177,6 +177,7 @@ def build_segmentation_model(cfg_model: Mapping[str, Any]) -> SegmentationModel:
     out_features = tuple(dict.fromkeys(HEAD_FEATURES[head_name] + ((AUX_FEATURE,) if aux_loss else ())))
     backbone = build_backbone(backbone_cfg["name"], out_features=out_features, freeze_at=backbone_cfg.get("freeze_at", 0),
                               norm=backbone_cfg.get("norm", "BN"), weights=backbone_cfg.get("weights"),
+                              partial_weights=backbone_cfg.get("partial_weights", False),
                               output_stride=output_stride, **options)
 
     shape = backbone.output_shape()

@@ -1,4 +1,6 @@
 """The backbone contract, checked against the paper's Table 1, torchvision and timm."""
+import logging
+
 import pytest
 import timm
 import torch
@@ -206,12 +208,47 @@ def test_saved_backbone_round_trips_with_preprocessing(tmp_path):
 
 
 def test_torchvision_checkpoint_file_loads_and_reports_unused_keys(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="backbones.weights")
     reference = torchvision.models.resnet18()
     path = tmp_path / "resnet18-tv.pth"
     torch.save(reference.state_dict(), path)
     backbone = build_backbone("resnet18", weights=path, out_features=["res5"])  # no fc: its keys are reported
     assert "fc.weight" in caplog.text
     torch.testing.assert_close(backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+@pytest.mark.parametrize("source, target, looks_like", [
+    ("resnet50", "resnet18", "resnet50"),  # fills the stem and 77 of 100 tensors by name and shape
+    ("resnet34", "resnet18", "resnet34"),  # the same family, deeper: resnet18 is filled, 72 tensors are left over
+    ("resnet18", "resnet34", "resnet18"),  # shallower: resnet34 is not filled
+    ("resnet18", "plain18", "resnet18"),  # the shortcut projections have no place in a plain net
+])
+def test_weights_of_another_architecture_are_refused_naming_it(tmp_path, source, target, looks_like):
+    path = tmp_path / f"{source}.pth"
+    torch.save(build_backbone(source).state_dict(), path)
+    with pytest.raises(ValueError, match=rf"{source}\.pth: look like {looks_like}\b.*not this {target} \(.*"
+                                         r"tensors filled.*missing.*no place in it.*partial_weights=true"):
+        build_backbone(target, weights=path)
+
+
+def test_partial_weights_load_what_fits_and_say_exactly_which(tmp_path, caplog):
+    reference = torchvision.models.resnet50()
+    path = tmp_path / "resnet50-tv.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = build_backbone("resnet18", weights=path, partial_weights=True)
+    assert "loaded 77 of the backbone's 100 tensors" in caplog.text and "'conv1.weight'" in caplog.text
+    torch.testing.assert_close(backbone.conv1.weight, reference.conv1.weight)
+    assert not torch.equal(backbone.layer1[0].conv1.weight[:, :, :1, :1], reference.layer1[0].conv1.weight)
+    torch.save({"unrelated.weight": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="nothing fits at all"):  # partial, but nothing to load: still an error
+        build_backbone("resnet18", weights=path, partial_weights=True)
+
+
+def test_a_classifier_of_another_class_count_is_not_required(tmp_path):
+    path = tmp_path / "resnet18-1000.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    backbone = build_backbone("resnet18", weights=path, out_features=["logits"], num_classes=200)
+    assert backbone.fc.weight.shape == (200, 512)
 
 
 @pytest.mark.parametrize("kwargs, message", [

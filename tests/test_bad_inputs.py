@@ -314,9 +314,15 @@ BAD_INPUTS = [
     ("weights_empty_file", load_weights(b""), ValueError, r"weights\.pth.*not a PyTorch checkpoint"),
     ("weights_text_file", load_weights(b"resnet50 weights, honest\n"), ValueError, r"weights\.pth.*not a"),
     ("weights_unrelated", load_weights({"encoder.w": torch.zeros(3, 3)}), ValueError,
-     r"weights\.pth: only 0 of the backbone's \d+ keys match.*encoder\.w.*conv1\.weight"),
+     r"weights\.pth: look like an unrecognised net.*0 of its \d+ tensors filled.*conv1\.weight.*encoder\.w.*"
+     r"nothing fits"),
     ("weights_other_architecture", load_weights({"state_dict": {"conv1.weight": torch.zeros(64, 3, 7, 7)}}),
-     ValueError, r"only 1 of the backbone's"),
+     ValueError, r"1 of its 100 tensors filled, 99 missing"),
+    ("weights_resnet50_into_resnet18", lambda tmp: load_weights(build_backbone("resnet50").state_dict())(tmp),
+     ValueError, r"weights\.pth: look like resnet50 .*bottleneck blocks 3-4-6-3.*not this resnet18.*77 of its 100 "
+     r"tensors filled, 23 missing.*188 in the file with no place"),
+    ("weights_resnet18_into_plain18", lambda tmp: load_weights(build_backbone("resnet18").state_dict(), "plain18")(tmp),
+     ValueError, r"look like resnet18 .*not this plain18.*no place in it.*downsample"),
     ("weights_no_tensors", load_weights({"epoch": 3}), ValueError, r"weights\.pth: holds no tensors"),
     ("weights_missing_file", lambda tmp: (lambda: build_backbone("resnet18", weights=tmp / "nope.pth")),
      FileNotFoundError, r"nope\.pth"),
