@@ -87,7 +87,7 @@ class Backbone(nn.Module):
         neither weights nor statistics move during fine-tuning.
         """
         names = list(self.stage_specs)
-        if not 0 <= freeze_at <= len(names):
+        if not isinstance(freeze_at, int) or isinstance(freeze_at, bool) or not 0 <= freeze_at <= len(names):
             raise ValueError(f"freeze_at={freeze_at} must be in [0, {len(names)}] (stages {names})")
         for stage in names[:freeze_at]:
             for path in self.stage_modules[stage]:

@@ -78,6 +78,8 @@ def build_backbone(name: str, *, out_features: Sequence[str] = DEFAULT_OUT_FEATU
     torchvision's replace_stride_with_dilation), zero_init_residual, num_classes (adds avgpool + fc,
     output "logits"), norm_eval (BN statistics stay fixed in train mode).
     """
+    if not isinstance(name, str):
+        raise ValueError(f"backbone name {name!r} is not a name; valid names are {backbone_names()}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid choices are {list(NORMS)}")
     options = dict(options)

@@ -93,7 +93,13 @@ def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, di
         raise ConfigError(f"_base_ cycle: {' -> '.join(map(str, chain + (path,)))}")
     if not path.is_file():
         raise FileNotFoundError(f"Config file not found: {path}")
-    layer = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    try:
+        layer = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except yaml.YAMLError as err:  # one line naming the file and line, not PyYAML's traceback
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {what}") from None
     if not isinstance(layer, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = layer.pop(BASE_KEY, None)

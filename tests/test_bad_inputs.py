@@ -180,6 +180,11 @@ def cli(main: Callable, *argv: str) -> Callable[[Path], Callable[[], object]]:
     return lambda tmp: (lambda: main([a.format(tmp=tmp) for a in argv]))
 
 
+def yaml_with_syntax_error(tmp: Path) -> Path:
+    (tmp / "bad.yaml").write_text("train:\n  lr: 0.1\n   epochs: 3\n")  # line 3 indented under a scalar
+    return tmp / "bad.yaml"
+
+
 def existing_checkpoint(tmp: Path) -> Path:
     (tmp / "ckpt.pth").write_bytes(b"")
     return tmp / "ckpt.pth"
@@ -309,6 +314,8 @@ BAD_INPUTS = [
     ("cfg_cls_string_lr", config("cls", "train.lr='0.1'"), ConfigError, r"'train\.lr' = '0\.1'.*number"),
     ("cfg_transfer_no_backbones", config("transfer", "backbones=[]"), ConfigError, r"'backbones' = \[\].*at least 1"),
     ("cfg_transfer_no_seeds", config("transfer", "seeds=[]"), ConfigError, r"'seeds' = \[\].*at least 1"),
+    ("cfg_yaml_syntax", lambda tmp: (lambda: load_config(CONFIGS["seg"], yaml_with_syntax_error(tmp))), ConfigError,
+     r"bad\.yaml:3:\d+: YAML syntax error"),
     # --- backbone weights
     ("weights_random_bytes", load_weights(bytes(range(256)) * 8), ValueError, r"weights\.pth.*not a"),
     ("weights_empty_file", load_weights(b""), ValueError, r"weights\.pth.*not a PyTorch checkpoint"),
@@ -327,6 +334,9 @@ BAD_INPUTS = [
     ("weights_missing_file", lambda tmp: (lambda: build_backbone("resnet18", weights=tmp / "nope.pth")),
      FileNotFoundError, r"nope\.pth"),
     # --- model options that cannot work
+    ("bb_name_none", call(lambda: build_backbone(None)), ValueError, r"backbone name None is not a name.*resnet18"),
+    ("bb_freeze_at_float", call(lambda: build_backbone("resnet18", freeze_at=1.5)), ValueError,
+     r"freeze_at=1\.5 must be in \[0, 5\]"),
     ("bb_plain_zero_init", call(lambda: build_backbone("plain18", zero_init_residual=True)), ValueError,
      r"zero_init_residual on a plain net"),
     ("bb_frozen_zero_init", call(lambda: build_backbone("resnet18", norm="FrozenBN", zero_init_residual=True)),
@@ -355,6 +365,12 @@ BAD_INPUTS = [
     ("tool_test_det_int8_no_images", cli(test_det.main, "--checkpoint", "{tmp}/none.pth", "--int8",
                                          "--calibration-images", "0"), 2, r"--calibration-images must be >= 1, got 0"),
     ("tool_transfer_no_seeds", cli(transfer.main, "seeds=[]"), 2, r"'seeds' = \[\]"),
+    ("tool_transfer_detection_typo", cli(transfer.main, "det.overrides=[train.lrr=0.1]"), 2,
+     r"resnet18 detection \(pretrained\) stage: Unknown config key 'train\.lrr'.*'train\.lr'"),
+    ("tool_transfer_per_backbone_typo", cli(transfer.main, "per_backbone={{plain18: {{cls: [train.epochz=1]}}}}"), 2,
+     r"plain18 pretraining stage: Unknown config key 'train\.epochz'"),
+    ("tool_det_yaml_syntax", lambda tmp: cli(train_det.main, "--config", str(yaml_with_syntax_error(tmp)))(tmp), 2,
+     r"bad\.yaml:3:\d+: YAML syntax error: mapping values are not allowed"),
 ]
 
 

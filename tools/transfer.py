@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import train_cls  # noqa: E402
 import train_det  # noqa: E402
 from backbones.build import backbone_names  # noqa: E402
-from engine.config import config_or_exit, load_config  # noqa: E402
+from engine.config import ConfigError, config_or_exit, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 from engine.stats import compare, summarize  # noqa: E402
 
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     scratch = list(cfg.backbones) if cfg.scratch is None else list(cfg.scratch)
     if set(scratch) - set(backbone_names()):  # not checked against `backbones`: a call may run a subset of them
         parser.error(f"scratch names {sorted(set(scratch) - set(backbone_names()))}, which are not backbones")
+    check_stage_configs(parser, cfg, scratch)  # a typo in a later stage must not cost the pretraining before it
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml")
@@ -125,6 +126,25 @@ def main(argv: list[str] | None = None) -> dict:
     print((out / "results.md").read_text())
     print(f"[transfer] done in {fmt(time.time() - start)}: {len(ran)} stage(s) run; results in {out}")
     return results
+
+
+def check_stage_configs(parser: argparse.ArgumentParser, cfg, scratch: list[str]) -> None:
+    """Load every stage's config (pretraining and detection, per backbone) as the stages will, so a bad key or
+    value in any of them stops the study before its first stage runs; `parser.error` names the stage."""
+    for backbone in cfg.backbones:
+        extra = cfg.per_backbone.get(backbone, {})
+        common = [f"model.backbone.name={backbone}", f"train.seed={cfg.seeds[0]}"]
+        stages = [("pretraining", train_cls.DEFAULT_CONFIG, cfg.cls.config, [*cfg.cls.overrides, *extra.get("cls", []),
+                                                                            *common])]
+        for weights in ("pretrained.pth", None) if backbone in scratch else ("pretrained.pth",):
+            stages.append((f"detection ({'pretrained' if weights else 'scratch'})", train_det.DEFAULT_CONFIG,
+                           cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
+                                            f"model.backbone.weights={weights or 'null'}"]))
+        for stage, default, config, overrides in stages:
+            try:
+                load_config(default, config, [str(o) for o in overrides])
+            except (ConfigError, FileNotFoundError) as err:
+                parser.error(f"{backbone} {stage} stage: {err}")
 
 
 def tiny_imagenet_subset(root: Path, num_classes: int, parent: Path, fmt: str) -> Path:
