@@ -52,6 +52,9 @@ def test_transfer_runs_end_to_end_then_resumes_without_redoing(tmp_path):
     table = (out / "results.md").read_text()
     assert "| transfer_shapes_ap | resnet18_pretrained | 1 |" in table and "| pretrain_top1 | plain18 | 1 |" in table
     assert "| transfer_shapes_ap50 | resnet18_pretrained − resnet18_scratch |" in table
+    assert "| condition | n | circle AP50 | circle AP |" in table and "| plain18_scratch | 1 |" in table
+    assert {p.name for p in out.glob("orderings_*.png")} == {"orderings_transfer_shapes_ap.png",
+                                                            "orderings_transfer_shapes_ap50.png"}
 
     # reproduction.json: docs/reproduction.json's schema, one run per condition x seed, values in percent
     reproduction = json.loads((out / "reproduction.json").read_text())
@@ -135,6 +138,25 @@ def test_statistics_and_orderings_over_seeds():
                                           "comparisons": list(held.values())})
     assert "| transfer_raccoon_ap | resnet18_pretrained − resnet18_scratch | +11.00 | [" in markdown
     assert "| transfer_raccoon_ap | resnet18_pretrained | 3 | 31.00 | 1.00 | [28.52, 33.48] |" in markdown
+
+
+def test_depth_orderings_follow_the_paper_resnets_gain_plain_nets_do_not():
+    aps = {("resnet18", True): [0.30, 0.31, 0.32], ("resnet34", True): [0.36, 0.37, 0.38],
+           ("plain18", True): [0.28, 0.29, 0.30], ("plain34", True): [0.25, 0.26, 0.27],
+           ("resnet18", False): [0.20, 0.21, 0.22]}
+    results = _results(aps) | {"backbones": ["resnet18", "resnet34", "plain18", "plain34"]}
+    rows = {(c["experiment"], c["a"], c["b"]): c
+            for c in transfer.comparisons(transfer.reproduction_experiments(results, "bccd"), results["backbones"])}
+    deeper_resnet = rows[("transfer_bccd_ap", "resnet34_pretrained", "resnet18_pretrained")]
+    assert deeper_resnet["paper"] == "A > B" and deeper_resnet["held"] and deeper_resnet["agrees"]
+    deeper_plain = rows[("transfer_bccd_ap", "plain34_pretrained", "plain18_pretrained")]
+    assert deeper_plain["paper"] == "A <= B" and not deeper_plain["held"] and deeper_plain["agrees"]
+    assert rows[("transfer_bccd_ap", "resnet34_pretrained", "plain34_pretrained")]["held"]
+    assert ("transfer_bccd_ap", "resnet34_scratch", "resnet18_scratch") not in rows  # no resnet34 scratch runs
+    contradicted = transfer.compare_pairs(transfer.reproduction_experiments(
+        _results({("plain18", True): [0.20, 0.21, 0.22], ("plain34", True): [0.30, 0.31, 0.32]}), "bccd"),
+        [("transfer_bccd_ap", "plain34_pretrained", "plain18_pretrained", "A <= B")])[0]
+    assert contradicted["held"] and not contradicted["agrees"]  # a deeper plain net clearly better: not the paper's
 
 
 def test_a_variant_names_its_own_experiments():

@@ -13,7 +13,8 @@ metrics.json exists is not redone (a stage with only last.pth is resumed), so re
 continues an interrupted experiment. Writes to `output_dir`: results.json (every cell, the per-condition statistics
 and the comparisons), results.md (mean, std and 95 % CI over seeds; pretrained - scratch and ResNet - plain with
 Welch intervals and whether each ordering held), reproduction.json (the runs in docs/reproduction.json's schema,
-see tools/merge_reproduction.py), transfer.png (detection AP with / without pretraining), degradation.png (classification
+see tools/merge_reproduction.py), transfer.png (detection AP with / without pretraining), orderings_<experiment>.png (one panel per ordering of a
+detection metric: seeds, means, the Welch interval and whether the paper's ordering held), degradation.png (classification
 training error of plain vs ResNet nets, the paper's Figure 4) and stages.log (one line per stage run or skipped).
 """
 from __future__ import annotations
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
                 det_metrics, det_wall = run_stage(train_det.main, det_argv, det_dir, out, start, ran)
                 cells.append({"backbone": backbone, "seed": seed, "pretrained": pretrained,
                               **{k: v for k, v in det_metrics.items() if not isinstance(v, dict)},
+                              "per_class": {k.removesuffix("_per_class"): v for k, v in det_metrics.items()
+                                            if k.endswith("_per_class")},
                               "cls_top1": cls_metrics["top1"] if pretrained else None,
                               "cls_train_top1": cls_metrics.get("train_top1") if pretrained else None,
                               "cls_wall_s": cls_wall if pretrained else None, "det_wall_s": det_wall})
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "reproduction.json").write_text(json.dumps({"experiments": experiments}, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
     plot_transfer(results, out / "transfer.png")
+    for experiment in (e for e in experiments if e.startswith("transfer_")):  # one figure per detection metric
+        plot_orderings(results, experiment, out / f"orderings_{experiment}.png")
     plot_degradation([{"net": c["backbone"], "history": c["history"]} for c in classification], out / "degradation.png")
     print((out / "results.md").read_text())
     print(f"[transfer] done in {fmt(time.time() - start)}: {len(ran)} stage(s) run; results in {out}")
@@ -252,35 +257,51 @@ def summaries(experiments: dict[str, dict]) -> list[dict]:
 
 
 def comparisons(experiments: dict[str, dict], backbones: list[str]) -> list[dict]:
-    """The paper's orderings, A - B with a Welch 95 % interval: pretrained - scratch per backbone (detection), and
-    ResNet - plain per depth (pretraining and detection, each initialisation). `held`: the interval excludes 0
-    on the side where A is better."""
-    pairs = []  # (experiment, condition A, condition B)
+    """The paper's orderings, A - B with a Welch 95 % interval: pretrained - scratch per backbone (detection),
+    ResNet - plain per depth (pretraining and detection, each initialisation), and deeper - shallower within each
+    family (pretraining and detection): the paper's Figure 4 / Table 2 expect a deeper ResNet to be better and a
+    deeper plain net not to be (its degradation problem). `held`: the interval excludes 0 on the side where A is
+    better; `paper`: the ordering the paper predicts, 'A > B' or 'A <= B'; `agrees`: the result does not
+    contradict it ('A > B' held, or for 'A <= B' the interval does not lie on A's better side)."""
+    pairs = []  # (experiment, condition A, condition B, paper)
     for name in experiments:
         if name.startswith("transfer_"):
-            pairs += [(name, f"{b}_pretrained", f"{b}_scratch") for b in backbones]
+            pairs += [(name, f"{b}_pretrained", f"{b}_scratch", "A > B") for b in backbones]
     for resnet in backbones:
         plain = re.sub(r"^resnet(\d+)$", r"plain\1", resnet)
         if plain == resnet or plain not in backbones:
             continue
         for name in experiments:
             if name.startswith("pretrain_"):
-                pairs.append((name, resnet, plain))
+                pairs.append((name, resnet, plain, "A > B"))
             else:
-                pairs += [(name, f"{resnet}_{init}", f"{plain}_{init}") for init in ("pretrained", "scratch")]
+                pairs += [(name, f"{resnet}_{init}", f"{plain}_{init}", "A > B") for init in ("pretrained", "scratch")]
+    for family, paper in (("resnet", "A > B"), ("plain", "A <= B")):
+        depths = sorted(int(m.group(1)) for b in backbones if (m := re.fullmatch(rf"{family}(\d+)", b)))
+        for shallow, deep in zip(depths, depths[1:]):
+            a, b = f"{family}{deep}", f"{family}{shallow}"
+            for name in experiments:
+                if name.startswith("pretrain_"):
+                    pairs.append((name, a, b, paper))
+                else:
+                    pairs += [(name, f"{a}_{init}", f"{b}_{init}", paper) for init in ("pretrained", "scratch")]
     return compare_pairs(experiments, pairs)
 
 
-def compare_pairs(experiments: dict[str, dict], pairs: list[tuple[str, str, str]]) -> list[dict]:
-    """For each (experiment, A, B) with runs on both sides: A - B with its Welch 95 % interval and `held` (A better
-    than B in the experiment's direction, the interval excluding 0)."""
+def compare_pairs(experiments: dict[str, dict], pairs: list[tuple]) -> list[dict]:
+    """For each (experiment, A, B[, paper]) with runs on both sides: A - B with its Welch 95 % interval, `held`
+    (A better than B in the experiment's direction, the interval excluding 0), and with a `paper` ordering
+    ('A > B', the default, or 'A <= B') whether the result `agrees` with it."""
     rows = []
-    for name, a, b in pairs:
+    for name, a, b, *paper in pairs:
         experiment = experiments[name]
         values_a, values_b = _values(experiment, a), _values(experiment, b)
         if values_a and values_b:
             comparison = compare(values_a, values_b, higher_is_better=experiment["higher_is_better"])
-            rows.append({"experiment": name, "a": a, "b": b, **comparison.to_dict()})
+            expected = paper[0] if paper else "A > B"
+            agrees = comparison.held if expected == "A > B" else not comparison.held
+            rows.append({"experiment": name, "a": a, "b": b, **comparison.to_dict(), "paper": expected,
+                         "agrees": agrees})
     return rows
 
 
@@ -299,11 +320,14 @@ def statistics_markdown(summary_rows: list[dict], comparison_rows: list[dict]) -
         lines.append(f"| {row['experiment']} | {row['condition']} | {row['n']} | {row['mean']:.2f} | "
                      f"{_num(row['std'])} | {_interval(row['ci_low'], row['ci_high'])} |")
     lines += ["", "Orderings: A − B, difference of means with its 95 % Welch interval; *held* = the interval "
-              "excludes 0 on the side where A is better (higher, or lower for errors).", "",
-              "| experiment | A − B | difference | 95% CI | held |", "|---|---|---:|---|---|"]
+              "excludes 0 on the side where A is better (higher, or lower for errors); *paper* = the ordering the "
+              "paper predicts (A ≤ B for a deeper plain net: its degradation) and whether this result agrees.", "",
+              "| experiment | A − B | difference | 95% CI | held | paper | agrees |", "|---|---|---:|---|---|---|---|"]
     for row in comparison_rows:
         lines.append(f"| {row['experiment']} | {row['a']} − {row['b']} | {row['diff']:+.2f} | "
-                     f"{_interval(row['ci_low'], row['ci_high'])} | {'yes' if row['held'] else 'no'} |")
+                     f"{_interval(row['ci_low'], row['ci_high'])} | {'yes' if row['held'] else 'no'} | "
+                     f"{row.get('paper', 'A > B').replace('<=', '≤')} | "
+                     f"{'yes' if row.get('agrees', row['held']) else 'no'} |")
     return lines
 
 
@@ -317,9 +341,61 @@ def results_markdown(results: dict) -> str:
              "",
              *statistics_markdown(results["summaries"], results["comparisons"])]
     cls, cells = results["classification"], results["cells"]
+    lines += ["", *per_class_markdown(cells)]
     walls = [c["wall_s"] for c in cls if c["wall_s"]] + [c["det_wall_s"] for c in cells if c["det_wall_s"]]
     lines += ["", f"{len(cls)} classification and {len(cells)} detection runs, {fmt(sum(walls))} of training in all."]
     return "\n".join(lines) + "\n"
+
+
+def per_class_markdown(cells: list[dict]) -> list[str]:
+    """Per-class detection AP (%) per condition: mean ± std over seeds, AP50 then AP@[.5:.95] for each class."""
+    classes = list(dict.fromkeys(name for c in cells for name in (c.get("per_class") or {}).get("AP50", {})))
+    if not classes:
+        return []
+    lines = ["Per class (mean ± std over seeds, %):", "",
+             "| condition | n | " + " | ".join(f"{k} AP50 | {k} AP" for k in classes) + " |",
+             "|---|---:|" + "---:|" * (2 * len(classes))]
+    conditions = dict.fromkeys((c["backbone"], c["pretrained"]) for c in cells)
+    for backbone, pretrained in conditions:
+        runs = [c["per_class"] for c in cells if (c["backbone"], c["pretrained"]) == (backbone, pretrained)]
+        values = []
+        for name in classes:
+            for metric in ("AP50", "AP"):
+                seeds = [100 * r[metric][name] for r in runs if r.get(metric, {}).get(name) is not None]
+                s = summarize(seeds) if seeds else None
+                values.append("n/a" if s is None else f"{s.mean:.1f} ± {0.0 if s.std is None else s.std:.1f}")
+        lines.append(f"| {backbone}_{'pretrained' if pretrained else 'scratch'} | {len(runs)} | "
+                     + " | ".join(values) + " |")
+    return lines
+
+
+def plot_orderings(results: dict, experiment: str, path: Path) -> None:
+    """One panel per ordering of `experiment` (a detection metric): each seed's value of A and B (dots), their
+    means with 95 % CIs, and A - B's Welch interval with the verdict in the title."""
+    metric = results["experiments"][experiment]["metric"]
+    rows = [r for r in results["comparisons"] if r["experiment"] == experiment]
+    if not rows:
+        return
+    experiments = results["experiments"]
+    columns = min(3, len(rows))
+    fig = Figure(figsize=(4.2 * columns, 3.6 * ((len(rows) + columns - 1) // columns)), layout="constrained")
+    for ax, row in zip(fig.subplots((len(rows) + columns - 1) // columns, columns, squeeze=False).flat, rows):
+        for x, condition in enumerate((row["a"], row["b"])):
+            values = _values(experiments[row["experiment"]], condition)
+            s = summarize(values)
+            ax.plot([x] * len(values), values, "o", color=f"C{x}", alpha=0.6)
+            ax.errorbar([x + 0.15], [s.mean], yerr=[[s.mean - (s.ci_low if s.ci_low is not None else s.mean)],
+                                                    [(s.ci_high if s.ci_high is not None else s.mean) - s.mean]],
+                        fmt="s", color=f"C{x}", capsize=4)
+        ax.set_xticks([0, 1], [row["a"], row["b"]], fontsize=8)
+        ax.set_xlim(-0.5, 1.6)
+        ax.set_ylabel(metric)
+        ax.set_title(f"A − B = {row['diff']:+.1f} {_interval(row['ci_low'], row['ci_high'])}\n"
+                     f"paper {row['paper'].replace('<=', '≤')}: {'agrees' if row['agrees'] else 'does not agree'}",
+                     fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{metric}: dots = seeds, squares = mean with 95 % CI")
+    fig.savefig(path, dpi=90)
 
 
 def plot_transfer(results: dict, path: Path) -> None:
