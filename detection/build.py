@@ -4,6 +4,7 @@ Shared by tools/train_det.py, test_det.py and visualize_det.py so they read data
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from functools import partial
 from typing import Any, Mapping, Sequence
@@ -16,6 +17,8 @@ from .datasets import VOC_CLASSES, DetectionDataset, ImageRecord, load_coco_reco
 from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco
 from .synthetic import generate_shapes_dataset
 from .transforms import build_det_transforms
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("coco", "voc")
 METRICS = ("coco", "voc07", "voc12")
@@ -32,12 +35,36 @@ def prepare_synthetic(data: Mapping[str, Any]) -> None:
 
 def load_split(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], list[str], list[int] | None]:
     """Records, class names and (COCO) category ids of `data.train` or `data.val`, restricted to `data.classes`
-    when set (see `select_classes`), then the first `data.<split>_limit` images when set."""
+    when set (see `select_classes`), then the first `data.<split>_limit` images when set; train boxes below
+    `data.min_box_size` dropped (see `drop_small_boxes`)."""
     records, class_names, cat_ids = _load_all(data, split)
     if data["classes"]:
         records, class_names, cat_ids = select_classes(records, class_names, cat_ids, list(data["classes"]),
                                                        drop_empty=data["classes_drop_empty"])
-    return records[: data[f"{split}_limit"]], class_names, cat_ids
+    records = records[: data[f"{split}_limit"]]
+    records, small = drop_small_boxes(records, data["min_box_size"], drop=split == "train")
+    if small:
+        what = "dropped before training" if split == "train" else "kept: the evaluation follows the annotations"
+        logger.warning("%s split: %d box(es) narrower or lower than data.min_box_size=%g px, %s: %s", split,
+                       len(small), data["min_box_size"], what,
+                       "; ".join(f"{path} {class_names[label - 1]} {box}" for path, box, label in small))
+    return records, class_names, cat_ids
+
+
+def drop_small_boxes(records: list[ImageRecord], min_size: float, *, drop: bool = True
+                     ) -> tuple[list[ImageRecord], list[tuple[str, list[float], int]]]:
+    """Records without the boxes whose width or height is below `min_size` pixels (with `drop`; else unchanged),
+    and every such box as (image path, [x1, y1, x2, y2], label). A degenerate annotation (BCCD's xmin == xmax)
+    is no object to learn: Detectron2 and MMDetection filter them the same way before training."""
+    kept, small = [], []
+    for record in records:
+        sizes = record.boxes[:, 2:] - record.boxes[:, :2]
+        tiny = (sizes < min_size).any(axis=1)
+        small += [(record.path, [round(float(v), 2) for v in box], int(label))
+                  for box, label in zip(record.boxes[tiny], record.labels[tiny])]
+        kept.append(replace(record, boxes=record.boxes[~tiny], labels=record.labels[~tiny], ignore=record.ignore[~tiny])
+                    if drop and tiny.any() else record)
+    return kept, small
 
 
 def select_classes(records: list[ImageRecord], class_names: list[str], cat_ids: list[int] | None,
