@@ -82,7 +82,8 @@ def roi_align_backward(grad_out: Tensor, rois: Tensor, input_shape: torch.Size, 
         s_t = torch.sparse_csr_tensor(crow, bin_of_tap, weights[order], (n * height * width, num_bins),
                                       check_invariants=False)  # valid by construction
     grad_bins = grad_out.permute(0, 2, 3, 1).reshape(-1, c)  # (K * PH * PW, C): one row per bin
-    grad = (s_t @ grad_bins).view(n, height, width, c)
+    with torch.autocast(grad_out.device.type, enabled=False):  # a backward run inside autocast stays in float32
+        grad = (s_t @ grad_bins).view(n, height, width, c)
     return grad.permute(0, 3, 1, 2).contiguous()
 
 

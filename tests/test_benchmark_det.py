@@ -46,11 +46,12 @@ def test_json_has_every_field_and_positive_numbers(tiny_run):
     assert train["images_per_s"] > 0 and train["step_s_median"] > 0 and len(train["step_s"]) == 1
     assert train["torch_threads"] == 1 and train["trainable_params"] > 0
     assert set(train["first_step_losses"]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
-    assert set(r["training"]) == {"ours", "ours_channels_last"}
+    assert set(r["training"]) == {"ours", "ours_channels_last", "ours_bf16"}
     assert train["gflop_per_step"] > 0 and 0 < train["ceiling_fraction"] < 1.5
     assert r["ceiling"]["gflop_per_s"] > 1 and r["ceiling"]["threads"] == 1
     # torchvision only for resnet50
-    assert set(r["inference"]) == {"ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled", "ours_int8"}
+    assert set(r["inference"]) == {"ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled", "ours_int8",
+                                   "ours_bf16"}
     gflop = {res["gflop"] for res in r["inference"].values()}
     assert len(gflop) == 1 and gflop.pop() > 0  # the same arithmetic, counted on the same input
     for variant, res in r["inference"].items():
@@ -63,7 +64,8 @@ def test_json_has_every_field_and_positive_numbers(tiny_run):
     assert r["inference"]["ours"]["batchnorms_left"] > 0
     assert r["inference"]["ours_fold"]["batchnorms_left"] == 0
     # int8 is not exact: timed, but outside the equivalence checks (its AP cost is measured on trained models)
-    assert "ours_int8" not in r["checks"]["float64_detections"] and "ours_int8" not in r["checks"]["fold_float32_timed_runs"]
+    for inexact in ("ours_int8", "ours_bf16"):
+        assert inexact not in r["checks"]["float64_detections"] and inexact not in r["checks"]["fold_float32_timed_runs"]
 
 
 def test_folded_and_channels_last_give_the_same_detections(tiny_run):

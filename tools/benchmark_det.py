@@ -12,12 +12,13 @@ Measured (see docs/benchmarks.md for the method and results):
 - inference latency (ms/image, median, batch 1): torchvision; ours; ours with BN folded into the convs;
   ours folded + channels_last; that plus backbone + FPN compiled (`detection.fast.optimize_for_inference`,
   the form test_det / visualize_det / the Predictor run); on CPU also the int8 form (`detection.quantize`,
-  `test_det.py --int8`; not exact, so outside the checks); with the time of each stage (transform, backbone +
-  FPN, RPN, RoI heads, post-processing);
+  `test_det.py --int8`; not exact, so outside the checks) and a bf16 autocast form (not exact either); with
+  the time of each stage (transform, backbone + FPN, RPN, RoI heads, post-processing);
 - where the time goes: the arithmetic of each (model, phase) counted on the same input
   (`torch.utils.flop_counter.FlopCounterMode`: convolutions and matrix products), the GFLOP/s achieved, and
   the ceiling measured in the same run at the same thread count (an fp32 matrix product: sgemm on CPU);
-- training throughput of ours in channels_last too;
+- training throughput of ours in channels_last and under bf16 autocast (`train.amp=bf16`: fast only where the
+  CPU has bf16 matrix units, AMX; elsewhere it is emulated and slower) too;
 - peak memory of each (model, phase): on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's
   peak RSS (VmHWM, reset through /proc/self/clear_refs after the model and inputs are set up), each
   (model, phase) in a fresh subprocess so no earlier phase's freed-but-cached memory is reused.
@@ -61,9 +62,10 @@ from detection.quantize import quantize_int8  # noqa: E402
 
 NUM_CLASSES = 90  # COCO's foreground classes; torchvision counts 91 with the background
 INT8 = "ours_int8"  # CPU only, and not exact: outside the equivalence checks (its AP cost: docs/benchmarks.md)
-INFER_VARIANTS = ("torchvision", "ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled", INT8)
-TRAIN_MODELS = ("torchvision", "ours", "ours_channels_last")
-CHANNELS_LAST = ("ours_fold_channels_last", "ours_fast_compiled", INT8)
+BF16 = "ours_bf16"  # autocast bf16 (train.amp=bf16; inference: folded, channels_last): not exact, outside the checks
+INFER_VARIANTS = ("torchvision", "ours", "ours_fold", "ours_fold_channels_last", "ours_fast_compiled", INT8, BF16)
+TRAIN_MODELS = ("torchvision", "ours", "ours_channels_last", BF16)
+CHANNELS_LAST = ("ours_fold_channels_last", "ours_fast_compiled", INT8, BF16)
 FASTER = INFER_VARIANTS[2:5]  # the exact variants that change the model: BN folded, and more
 CALIBRATION_IMAGES = 4
 STAGES = ("transform", "backbone_fpn", "rpn", "roi_heads", "postprocess")
@@ -125,11 +127,16 @@ def apply_variant(model: FasterRCNN, variant: str, settings: dict) -> FasterRCNN
         return quantize_int8(model, [[image] for image in calibration])
     if variant == "ours_fast_compiled":
         return optimize_for_inference(model, compile=True)
-    if "fold" in variant:
+    if "fold" in variant or variant == BF16:
         fold_batchnorm(model.eval())
-    if "channels_last" in variant:
+    if "channels_last" in variant or variant == BF16:
         to_channels_last(model)
     return model
+
+
+def autocast_for(name: str, device: torch.device) -> torch.autocast:
+    """bf16 autocast for the bf16 variant (the loop's train.amp=bf16), a disabled context for the others."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == BF16)
 
 
 def count_batchnorms(model: torch.nn.Module) -> int:
@@ -292,7 +299,12 @@ def run_train(spec: dict) -> dict:
 
     model.rpn.register_forward_pre_hook(reseed)
     step[0] = -1  # the counted step draws its own samples; the timed steps then start as without it
-    gflop = count_gflop(lambda: sum(model(images, targets).values()).backward())
+    def forward_backward() -> None:  # autocast around the forward only, as engine.loop does
+        with autocast_for(spec["model"], device):
+            loss = sum(model(images, targets).values())
+        loss.backward()
+
+    gflop = count_gflop(forward_backward)
     optimizer.zero_grad(set_to_none=True)
     memory = PeakMemory(device)
     memory.start()
@@ -301,7 +313,8 @@ def run_train(spec: dict) -> dict:
         step[0] = i
         _sync(device)
         t0 = time.perf_counter()
-        losses = model(images, targets)
+        with autocast_for(spec["model"], device):
+            losses = model(images, targets)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -336,7 +349,7 @@ def run_infer(spec: dict) -> dict:
     memory = PeakMemory(device)
     memory.start()
     times, first_call_s = [], None
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_for(variant, device):
         for i in range(settings["warmup"] + settings["iters"]):
             _sync(device)
             t0 = time.perf_counter()
@@ -425,7 +438,8 @@ def check_float64_detections(settings: dict, weights: str | Path, dtype: torch.d
     settings = {**settings, "score_thresh": 0.0}  # always 100 detections to compare, whatever the weights score
     image = make_images(1, settings["size"], settings["seed"] + 100)[0].to(device, dtype)
     outputs = {}
-    compared = [v for v in INFER_VARIANTS if v != INT8 and (v != "torchvision" or settings["backbone"] == "resnet50")]
+    compared = [v for v in INFER_VARIANTS
+                if v not in (INT8, BF16) and (v != "torchvision" or settings["backbone"] == "resnet50")]
     for variant in compared:
         name = "torchvision" if variant == "torchvision" else "ours"
         model = apply_variant(build_model(name, settings, weights).to(device, dtype).eval(), variant, settings)
@@ -550,7 +564,8 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
 LABELS = dict(torchvision="torchvision R50-FPN", ours="ours", ours_fold="ours + fold BN",
               ours_fold_channels_last="ours + fold BN + channels_last",
               ours_fast_compiled="ours + fold BN + channels_last + compile", ours_channels_last="ours, channels_last",
-              ours_int8="ours + fold BN + channels_last + int8 (not exact)")
+              ours_int8="ours + fold BN + channels_last + int8 (not exact)",
+              ours_bf16="ours, bf16 autocast (+ fold BN + channels_last at inference; not exact)")
 
 
 def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
