@@ -8,7 +8,9 @@ when the signal reached only some ranks, and it costs no extra collective.
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import multiprocessing.util  # its exit handler is registered first, so the one below runs before it
 import os
 import signal
 import sys
@@ -70,6 +72,17 @@ class StopRequest:
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a worker gets the stop signals too (torchrun signals the process group, SLURM
     every process of the job), but must serve the main process until it has finished its iteration; it is then
-    shut down by the main process, or by torch's watchdog if the main process dies."""
+    shut down by the main process, killed at its exit (below), or ended by torch's watchdog if it dies."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """multiprocessing ends the daemonic children still alive at exit (DataLoader workers, after an exception)
+    with SIGTERM and then joins them without a timeout: workers that ignore SIGTERM would hang the exit."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the killed workers as failures
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
