@@ -72,6 +72,11 @@ def _acquire(path: Path) -> int:
                       "set output_dir=<another folder>"
             print(message, file=sys.stderr)
             raise OutputDirInUse(message) from None
+        except OSError as err:  # e.g. ENOSYS: Lustre mounted without -o flock
+            os.close(fd)
+            raise OSError(err.errno, f"cannot lock output_dir {path.parent}: {err.strerror}; its file system does not "
+                          "support flock: use a folder on one that does (local disk, NFSv4, Lustre with -o flock)") \
+                from None
         try:
             same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

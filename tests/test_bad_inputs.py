@@ -202,7 +202,7 @@ def earlier_run(tmp: Path, overrides: tuple[str, ...] = ()) -> Path:
     return run
 
 
-def earlier_run_with(tmp: Path, last_pth: bytes | dict, loop: dict | None = None) -> Path:
+def earlier_run_with(tmp: Path, last_pth: bytes | dict) -> Path:
     """earlier_run whose last.pth holds `last_pth` (bytes as they are, a dict merged into the checkpoint's)."""
     run = earlier_run(tmp)
     if isinstance(last_pth, bytes):
@@ -328,8 +328,8 @@ BAD_INPUTS = [
                                lambda tmp: b"resnet weights\n"), CheckpointError,
      r"ckpt\.pth: not a PyTorch checkpoint \(torch\.save writes a zip archive; this file starts with b'resnet w'"),
     ("ckpt_empty_file", load_as(load_checkpoint, lambda tmp: b""), CheckpointError, r"ckpt\.pth: the file is empty"),
-    ("ckpt_truncated", load_as(lambda path: load_trained_weights(build_backbone("resnet18"), path), truncated_checkpoint),
-     CheckpointError, r"ckpt\.pth: the file is damaged or truncated"),
+    ("ckpt_truncated", load_as(lambda path: load_trained_weights(build_backbone("resnet18"), path),
+                               truncated_checkpoint), CheckpointError, r"ckpt\.pth: the file is damaged or truncated"),
     ("ckpt_pickled_model", load_as(load_checkpoint, lambda tmp: torch.nn.Linear(2, 2)), CheckpointError,
      r"ckpt\.pth: holds pickled Python objects \(torch\.nn\.modules\.linear\.Linear\).*state_dict\(\)"),
     ("ckpt_other_model", load_as(lambda path: load_trained_weights(build_backbone("resnet34"), path),

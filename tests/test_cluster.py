@@ -3,6 +3,7 @@ checkpoints on SIGTERM / SIGUSR1 / SIGINT at an iteration every rank agrees on, 
 Every interrupted run must end bit-identical to the uninterrupted one (tests/test_exactness.py's rule)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -51,8 +53,9 @@ def wait_for(condition: Callable[[], object], process: subprocess.Popen, what: s
 
 
 def history(out: Path) -> list[dict]:
+    """The complete lines of a history.jsonl that may be being written."""
     path = out / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.is_file() else []
 
 
 def iterations(out: Path) -> list[int]:
@@ -66,7 +69,8 @@ def workers(launcher_pid: int) -> dict[int, int]:
         try:
             if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
                 continue
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode().split("\0") if "=" in item)
+            items = (proc / "environ").read_bytes().decode().split("\0")
+            env = dict(item.split("=", 1) for item in items if "=" in item)
         except (OSError, ValueError):  # exited meanwhile
             continue
         if "RANK" in env:
@@ -211,6 +215,14 @@ def test_lock_is_per_folder_and_leaves_no_folder_behind(tmp_path):
             with lock_output_dir(tmp_path / "a" / "run"):
                 pass
     assert not any(tmp_path.iterdir())  # the folders were created for the locks, and removed with them
+
+
+def test_a_file_system_without_flock_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr("engine.run_lock.fcntl.flock", mock.Mock(side_effect=OSError(errno.ENOSYS, "Function not "
+                                                                                     "implemented")))
+    with pytest.raises(OSError, match=rf"cannot lock output_dir {tmp_path}: Function not implemented; .*flock"):
+        with lock_output_dir(tmp_path):
+            pass
 
 
 def test_only_rank_0_takes_the_lock(tmp_path, monkeypatch):

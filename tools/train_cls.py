@@ -4,6 +4,7 @@
     python tools/train_cls.py --config configs/cls/tiny_imagenet.yaml data.root=/data/tiny-imagenet-200
     torchrun --nproc_per_node=8 tools/train_cls.py --config configs/cls/imagenet_resnet50.yaml train.batch_size=32
     python tools/train_cls.py --config ... --resume             # continue from output_dir/last.pth, bit for bit
+    python tools/train_cls.py --config ... --resume auto        # the same if there is a checkpoint, else a new run
 
 Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl (train loss / top-1 per
 `log_every` iterations, the epoch's mean train top-1, val top-1 / top-5 per evaluated epoch), curves.png (train and val error, the paper's

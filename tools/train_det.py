@@ -4,6 +4,7 @@
     python tools/train_det.py --config configs/det/r50_fpn_coco.yaml data.root=/data/coco
     torchrun --nproc_per_node=8 tools/train_det.py --config configs/det/faster_rcnn_r101_c4_coco.yaml device=cuda
     python tools/train_det.py --config ... --resume             # continue from output_dir/last.pth, bit for bit
+    python tools/train_det.py --config ... --resume auto        # the same if there is a checkpoint, else a new run
 
 Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl and metrics.json.
 """

@@ -4,6 +4,7 @@
     python tools/train_seg.py --config configs/seg/coco128_voc.yaml train.lr=0.02
     torchrun --nproc_per_node=8 tools/train_seg.py --config configs/seg/deeplabv3plus_r101_voc.yaml device=cuda
     python tools/train_seg.py --config ... --resume             # continue from output_dir/last.pth, bit for bit
+    python tools/train_seg.py --config ... --resume auto        # the same if there is a checkpoint, else a new run
 
 Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl and metrics.json.
 """
