@@ -27,6 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from backbones import Backbone, Preprocessing, build_backbone
 from backbones.build import RESNETS, VGGS
+from engine.trained import load_trained_weights
 
 from .roi_align import MultiScaleRoIAlign  # torchvision's, with a multi-threaded backward on the CPU
 
@@ -173,6 +174,6 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
 
 
 def load_detector_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """ResDet checkpoints keep the model under "model"; torchvision's files are the bare state dict."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(state.get("model", state))
+    """ResDet checkpoints keep the model under "model"; torchvision's files are the bare state dict. A file that
+    cannot be read or does not fit is a CheckpointError naming it."""
+    load_trained_weights(model, checkpoint)

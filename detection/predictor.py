@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from engine.images import ImageInput, as_rgb_array, image_to_tensor
-from engine.trained import load_model_state, load_run_config, model_config_for_inference
+from engine.trained import load_run_config, load_trained_weights, model_config_for_inference
 
 from .datasets import VOC_CLASSES
 from .inference import detect, to_original_size
@@ -93,7 +93,7 @@ class Predictor:
         self.device = torch.device(device)
         self.class_names, self.category_ids = label_space(self.cfg)
         model = build_detector(model_config_for_inference(self.cfg.model))
-        model.load_state_dict(load_model_state(checkpoint))
+        load_trained_weights(model, checkpoint)
         if score_thresh is not None:
             model.roi_heads.score_thresh = score_thresh
         model.eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,15 +69,34 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 def parse_args(
     description: str, default_yaml: str | Path, argv: Sequence[str] | None = None
 ) -> tuple[argparse.Namespace, DictConfig]:
-    """The CLI shared by the training tools; config errors exit with a usage message."""
+    """The CLI shared by the training tools; config errors exit with a usage message. Overrides may come before
+    and after the options; `args.resume` is False, True (`--resume`) or "auto" (`--resume auto`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, help="experiment YAML (may use _base_)")
-    parser.add_argument("--resume", action="store_true", help="resume from OUTPUT_DIR/last.pth")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                        help="continue the run in OUTPUT_DIR from its last.pth; 'auto': continue it if OUTPUT_DIR "
+                             "holds a checkpoint, else start a new run (one command for every restart)")
     parser.add_argument("--overwrite", action="store_true", help="delete the earlier run in OUTPUT_DIR and start anew")
     parser.add_argument("--eval-only", action="store_true", help="evaluate OUTPUT_DIR/last.pth and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(_resume_value_attached(sys.argv[1:] if argv is None else argv))
     return args, config_or_exit(parser, default_yaml, args)
+
+
+def _resume_value_attached(argv: Sequence[str]) -> list[str]:
+    """`--resume auto` as `--resume=auto`, and a bare `--resume` moved last, so that argparse never takes the
+    key=value after a bare `--resume` for its value."""
+    items, bare_resume, i = [], False, 0
+    while i < len(argv):
+        if argv[i] == "--resume" and argv[i + 1:i + 2] == ["auto"]:
+            items.append("--resume=auto")
+            i += 1
+        elif argv[i] == "--resume":
+            bare_resume = True
+        else:
+            items.append(argv[i])
+        i += 1
+    return items + ["--resume"] * bare_resume
 
 
 def config_or_exit(parser: argparse.ArgumentParser, default_yaml: str | Path, args: argparse.Namespace) -> DictConfig:

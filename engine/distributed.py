@@ -19,8 +19,8 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
     ``device="cuda"`` becomes ``cuda:LOCAL_RANK`` so each process owns one GPU.
     """
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = launch_rank()
+    world_size = launch_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     target = torch.device(device)
     if target.type == "cuda":
@@ -35,6 +35,16 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
         else:
             dist.init_process_group(backend="gloo")
     return rank, world_size, target
+
+
+def launch_rank() -> int:
+    """The global rank torchrun gave this process (0 without a launcher), known before the process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
+def launch_world_size() -> int:
+    """The number of processes torchrun started for this run (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def is_distributed() -> bool:

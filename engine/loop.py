@@ -3,14 +3,17 @@
 A tool builds its data, model, per-step loss and evaluator, and hands them over; the loop owns the rest:
 seeded per-sample data order and augmentation (`engine.sampling`), SGD with weight-decay groups and the LR
 schedule (`engine.schedule`), AMP (fp16 with a grad scaler, bf16 without), gradient clipping, DDP (with the
-unwrapped model for evaluation and saving), SyncBN, tqdm / TensorBoard / history.jsonl, periodic evaluation and
-atomic rank-0 checkpoints holding every state a resumed run needs to continue as if never stopped.
+unwrapped model for evaluation and saving), SyncBN, tqdm / TensorBoard / history.jsonl, periodic evaluation,
+atomic rank-0 checkpoints holding every state a resumed run needs to continue as if never stopped, and a
+checkpoint on SIGTERM / SIGUSR1 / SIGINT at an iteration all ranks agree on (`engine.preemption`).
 """
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,9 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
-from .checkpoint import LAST_CHECKPOINT, save_checkpoint
+from .checkpoint import LAST_CHECKPOINT, CheckpointError, CheckpointSaveError, load_model_weights, save_checkpoint
 from .distributed import all_gather_object, get_rank, get_world_size, is_main_process, reduce_dict_mean
 from .output import RunOutput, jsonable
+from .preemption import EXIT_PREEMPTED, Preempted, StopRequest, ignore_stop_signals
 from .random_state import get_rng_state, set_rng_state
 from .sampling import EpochBatches, SeededDataset
 from .schedule import build_lr_scheduler, build_sgd, step_optimizer
@@ -30,6 +34,8 @@ AMP_CHOICES = {False: None, True: torch.float16, "fp16": torch.float16, "bf16": 
 
 # (model, batch) -> scalar tensors to log; "loss" is the one that is minimised
 StepFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
+STOP_KEY = "stop requested"  # summed over ranks with the losses: > 0 when a stop signal reached any rank
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "iteration", "loop", "rng")  # what a resume restores
 
 
 def amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
@@ -52,7 +58,8 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, collate_fn:
     evaluating mid-run leaves the training process's random state untouched."""
     shard = Subset(dataset, range(get_rank(), len(dataset), get_world_size()))
     return DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, generator=torch.Generator())
+                      persistent_workers=num_workers > 0, generator=torch.Generator(),
+                      worker_init_fn=ignore_stop_signals)
 
 
 def scaled_lr(train: DictConfig, world_size: int) -> float:
@@ -114,7 +121,8 @@ class TrainingLoop:
         # its own generator: creating an iterator must not draw from the training process's torch generator
         self.loader = DataLoader(SeededDataset(train_set), batch_sampler=self.batches, collate_fn=collate_fn,
                                  num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+                                 pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+                                 worker_init_fn=ignore_stop_signals)
         self.total_iters = self.train_cfg.iters or self.train_cfg.epochs * self.batches.batches_per_epoch
 
         self.optimizer = build_sgd(model, scaled_lr(self.train_cfg, self.world_size), momentum=self.train_cfg.momentum,
@@ -134,6 +142,10 @@ class TrainingLoop:
         self.epoch_sums: dict[str, float] = {}
         self.epoch_count = 0
         self.metrics: dict | None = None  # the latest evaluation
+        self.stop = StopRequest()
+        self.stopping = False  # every rank's stop requests, as of the latest iteration
+        self.saved_at: int | None = None  # the iteration last.pth holds, when this process wrote it
+        self.final_save_error: CheckpointSaveError | None = None
         if checkpoint is not None:
             self._restore(checkpoint, weights_only=eval_only)
         resumed = checkpoint is not None and not eval_only
@@ -151,23 +163,32 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ training
     def run(self) -> dict:
-        """Train to `total_iters` (from wherever the checkpoint left off), evaluate, write metrics.json."""
+        """Train to `total_iters` (from wherever the checkpoint left off), evaluate, write metrics.json.
+
+        A stop signal ends training after the current iteration with a checkpoint and raises `Preempted`. A failed
+        final save is raised after metrics.json is written: the evaluation does not depend on it."""
         progress = tqdm(total=self.total_iters, initial=self.iteration, disable=not is_main_process(),
                         dynamic_ncols=True)
-        while self.iteration < self.total_iters:
-            self.batches.set_epoch(self.epoch, start=self.step_in_epoch)
-            self.ddp.train()
-            for batch in self.loader:
-                scalars = self._train_step(batch)
-                progress.update()
-                progress.set_postfix(epoch=self.epoch + 1, loss=f"{scalars['loss']:.3f}", lr=f"{self.lr:.4g}")
-                if self._after_step(scalars):
-                    break
+        with self.stop:
+            while self.iteration < self.total_iters:
+                self.batches.set_epoch(self.epoch, start=self.step_in_epoch)
+                self.ddp.train()
+                for batch in self.loader:
+                    scalars = self._train_step(batch)
+                    progress.update()
+                    progress.set_postfix(epoch=self.epoch + 1, loss=f"{scalars['loss']:.3f}", lr=f"{self.lr:.4g}")
+                    if self._after_step(scalars):
+                        break
+                    if self.stopping:
+                        progress.close()
+                        self._stop_preempted()
         progress.close()
         if self.metrics is None:  # nothing was left to train, and the checkpoint had no evaluation
             self.metrics = self._evaluate()
         self.output.write_metrics(self.metrics)
         self.output.close()
+        if self.final_save_error is not None:
+            raise self.final_save_error
         return self.metrics
 
     def evaluate_only(self, name: str = "eval_metrics.json") -> dict:
@@ -188,7 +209,11 @@ class TrainingLoop:
                        clip_grad_norm=self.train_cfg.clip_grad_norm)
         self.iteration += 1
         self.step_in_epoch += 1
-        return reduce_dict_mean({k: v.detach() for k, v in scalars.items()})
+        scalars = {k: v.detach() for k, v in scalars.items()}
+        scalars[STOP_KEY] = scalars["loss"].new_tensor(float(self.stop.requested))
+        means = reduce_dict_mean(scalars)
+        self.stopping = means.pop(STOP_KEY) > 0
+        return means
 
     def _after_step(self, scalars: dict[str, float]) -> bool:
         """Log, evaluate and checkpoint as due after an iteration; True when training is done."""
@@ -220,7 +245,12 @@ class TrainingLoop:
             self.output.append_history({"iteration": self.iteration, "epoch": self.epoch + (not epoch_done),
                                         **record})
         every = self.train_cfg.checkpoint_every
-        if epoch_done or done or (every and self.iteration % every == 0):
+        if done:
+            try:
+                self._save()
+            except CheckpointSaveError as err:  # reported once the final metrics are written
+                self.final_save_error = err
+        elif epoch_done or (every and self.iteration % every == 0):
             self._save()
         return done
 
@@ -228,27 +258,43 @@ class TrainingLoop:
         metrics = self.evaluate_fn(self.model)
         return dict(jsonable(metrics)) if metrics else {}
 
+    def _stop_preempted(self) -> NoReturn:
+        """Every rank stops at this iteration: checkpoint it (unless just done), shut the DataLoader workers down."""
+        if self.saved_at != self.iteration:
+            self._save()
+        if self.loader._iterator is not None:  # persistent workers: torch would otherwise end them only at exit
+            self.loader._iterator._shutdown_workers()
+        self.output.close()
+        if is_main_process():
+            how = signal.Signals(self.stop.signum).name if self.stop.requested else "a stop signal to another rank"
+            print(f"stopped by {how} after iteration {self.iteration} of {self.total_iters}: "
+                  f"{Path(self.cfg.output_dir) / LAST_CHECKPOINT} holds it; the same command with --resume (or "
+                  f"--resume auto) continues the run (exit code {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        raise Preempted()
+
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:
         """Rank 0 writes `last.pth` atomically; every rank contributes its random state."""
         rng = all_gather_object(get_rng_state())
-        if not is_main_process():
-            return
-        loop = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "window": self.window,
-                "window_count": self.window_count, "epoch_sums": self.epoch_sums, "epoch_count": self.epoch_count,
-                "history_lines": self.output.history_lines, "metrics": self.metrics, "world_size": self.world_size}
-        save_checkpoint(Path(self.cfg.output_dir) / LAST_CHECKPOINT, model=self.model, optimizer=self.optimizer,
-                        scheduler=self.scheduler, scaler=self.scaler, epoch=self.epoch, iteration=self.iteration,
-                        config=OmegaConf.to_container(self.cfg, resolve=True), extra={"loop": loop, "rng": rng})
+        if is_main_process():
+            loop = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "window": self.window,
+                    "window_count": self.window_count, "epoch_sums": self.epoch_sums, "epoch_count": self.epoch_count,
+                    "history_lines": self.output.history_lines, "metrics": self.metrics, "world_size": self.world_size}
+            save_checkpoint(Path(self.cfg.output_dir) / LAST_CHECKPOINT, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, scaler=self.scaler, epoch=self.epoch, iteration=self.iteration,
+                            config=OmegaConf.to_container(self.cfg, resolve=True), extra={"loop": loop, "rng": rng})
+        self.saved_at = self.iteration
 
     def _restore(self, state: Mapping[str, Any], weights_only: bool) -> None:
-        self.model.load_state_dict(state["model"])
+        path = Path(self.cfg.output_dir) / LAST_CHECKPOINT
+        load_model_weights(self.model, state["model"], path)
         if weights_only:
             return
+        missing = [key for key in TRAINING_STATE if key not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {path}: holds no training state to resume (no {', '.join(missing)} in "
+                                  "it); --resume needs the last.pth a training tool wrote")
         loop = state["loop"]
-        if loop["world_size"] != self.world_size:
-            raise ValueError(f"the checkpoint was written by {loop['world_size']} process(es), this run has "
-                             f"{self.world_size}: resume with the same number of processes")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -257,5 +303,5 @@ class TrainingLoop:
         self.epoch_sums, self.epoch_count = dict(loop["epoch_sums"]), loop["epoch_count"]
         self.metrics = loop["metrics"]
         set_rng_state(state["rng"][self.rank])
-        print(f"resumed from {Path(self.cfg.output_dir) / LAST_CHECKPOINT} at iteration {self.iteration} "
+        print(f"resumed from {path} at iteration {self.iteration} "
               f"({self.epoch} epochs and {self.step_in_epoch} batches done)")

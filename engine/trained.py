@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
+from .checkpoint import CheckpointError, load_model_weights, read_checkpoint
 from .config import load_config
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,17 @@ def model_config_for_inference(model_cfg: Mapping[str, Any]) -> dict:
 
 
 def load_model_state(checkpoint: str | Path) -> dict:
-    """The model state of a ResDet checkpoint (key "model"), or a bare state dict."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return state.get("model", state)
+    """The model state of a ResDet checkpoint (key "model"), or a bare state dict; an unreadable file is a
+    CheckpointError naming it and what is wrong."""
+    state = read_checkpoint(checkpoint)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise CheckpointError(f"checkpoint {checkpoint}: holds no model state dict (a ResDet last.pth keeps it "
+                              "under 'model'; a bare state dict maps names to tensors)")
+    return state
+
+
+def load_trained_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Fill `model` from a checkpoint (see load_model_state); one that does not fit is refused with counts and
+    examples of the tensors that do not fit."""
+    load_model_weights(model, load_model_state(checkpoint), checkpoint)

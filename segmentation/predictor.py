@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from backbones import fold_batchnorm
 from engine.images import ImageInput, as_rgb_array
-from engine.trained import load_model_state, load_run_config, model_config_for_inference
+from engine.trained import load_run_config, load_trained_weights, model_config_for_inference
 
 from .datasets import COCO_TO_VOC
 from .evaluation import multiscale_flip_inference
@@ -86,7 +86,7 @@ class Predictor:
         self.device = torch.device(device)
         self.class_names, self.category_ids = label_space(self.cfg)
         model = build_segmentation_model(model_config_for_inference(self.cfg.model))
-        model.load_state_dict(load_model_state(checkpoint))
+        load_trained_weights(model, checkpoint)
         model.eval()
         if fast:
             fold_batchnorm(model).to(memory_format=torch.channels_last)

@@ -4,13 +4,17 @@ with the data folder byte-for-byte unchanged; then the inputs that must end in a
 result instead. Everything is tiny and in-process (one subprocess row checks a real exit code)."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -34,8 +38,12 @@ from backbones import build_backbone, fold_batchnorm  # noqa: E402
 from backbones.resnet import ResNet  # noqa: E402
 from classification.datasets import build_cls_dataset, validate_dataset  # noqa: E402
 from detection.datasets import DatasetError, load_coco_records, load_voc_records, validate_records  # noqa: E402
+from detection.models import load_detector_weights  # noqa: E402
+from engine.checkpoint import CheckpointError, CheckpointSaveError, load_checkpoint, save_checkpoint  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
 from engine.images import read_image  # noqa: E402
+from engine.run_lock import EXIT_IN_USE, LOCK_FILE  # noqa: E402
+from engine.trained import load_trained_weights  # noqa: E402
 from segmentation.datasets import VOCSegmentation  # noqa: E402
 
 CONFIGS = {tool: ROOT / "configs" / tool / "default.yaml" for tool in ("det", "seg", "cls", "transfer")}
@@ -199,6 +207,65 @@ def earlier_run(tmp: Path, overrides: tuple[str, ...] = ()) -> Path:
     return run
 
 
+def earlier_run_with(tmp: Path, last_pth: bytes | dict) -> Path:
+    """earlier_run whose last.pth holds `last_pth` (bytes as they are, a dict merged into the checkpoint's)."""
+    run = earlier_run(tmp)
+    if isinstance(last_pth, bytes):
+        (run / "last.pth").write_bytes(last_pth)
+    else:
+        torch.save({**torch.load(run / "last.pth", weights_only=True), **last_pth}, run / "last.pth")
+    return run
+
+
+def truncated_checkpoint(tmp: Path) -> bytes:
+    torch.save({"model": build_backbone("resnet18").state_dict()}, tmp / "whole.pth")
+    data = (tmp / "whole.pth").read_bytes()
+    return data[: len(data) // 2]
+
+
+def checkpoint_file(tmp: Path, content: bytes | object) -> Path:
+    path = tmp / "ckpt.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    return path
+
+
+def load_as(loader: Callable[[Path], object], content: Callable[[Path], bytes | object]):
+    """`loader(path)` on a checkpoint file holding `content(tmp)`."""
+    return lambda tmp: (lambda path: lambda: loader(path))(checkpoint_file(tmp, content(tmp)))
+
+
+_held_locks: list[int] = []  # the fds of locks a row holds, as another run would (closed with the test process)
+
+
+def folder_in_use(tmp: Path) -> Path:
+    """earlier_run whose folder lock another open file holds, with the holder line a run writes."""
+    run = earlier_run(tmp)
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b'{"pid": 4242, "host": "node7", "started": "2026-01-02 03:04:05 +0000"}\n')
+    _held_locks.append(fd)
+    return run
+
+
+def disk_full_save(tmp: Path) -> Callable[[], object]:
+    """save_checkpoint whose temporary file is /dev/full: every write fails with ENOSPC, as on a full disk."""
+    def run():
+        with mock.patch("engine.checkpoint.os.fdopen", lambda fd, mode: (os.close(fd), open("/dev/full", mode))[1]):
+            save_checkpoint(tmp / "run" / "last.pth", model=torch.nn.Linear(2, 2), epoch=0, iteration=1)
+    return run
+
+
+def denied_save(tmp: Path) -> Callable[[], object]:
+    def run():
+        with mock.patch("engine.checkpoint.tempfile.mkstemp",
+                        side_effect=PermissionError(errno.EACCES, "Permission denied", str(tmp / "run"))):
+            save_checkpoint(tmp / "run" / "last.pth", model=torch.nn.Linear(2, 2), epoch=0, iteration=1)
+    return run
+
+
 def trainer(main: Callable, *argv: str, prepare: Callable[[Path], object] = lambda tmp: None):
     """A training tool's main(argv) in-process after `prepare(tmp)`; `{tmp}` in an argument is the test's folder.
     Runs write under tmp/outputs, which the table's test requires to stay absent: no iteration ran."""
@@ -245,6 +312,43 @@ BAD_INPUTS = [
     ("train_det_lr_steps_mixed", trainer(train_det.main, "data.synthetic.enabled=true", "data.root={tmp}/gen",
                                          "data.synthetic.num_train=2", "data.synthetic.num_val=1",
                                          "train.batch_size=2", "train.lr_steps=[0.5,100]"), ValueError, r"lr_steps \[0\.5, 100\] must be all"),
+    ("train_det_resume_truncated_checkpoint", lambda tmp: (earlier_run_with(tmp, truncated_checkpoint(tmp)), cli(
+        train_det.main, "--resume", "data.synthetic.enabled=true", "output_dir={tmp}/runs/r")(tmp))[1],
+     CheckpointError, r"runs/r/last\.pth: the file is damaged or truncated \(\d+ bytes; PytorchStreamReader failed"),
+    ("train_det_eval_only_text_checkpoint", lambda tmp: (earlier_run_with(tmp, b"not weights\n"), cli(
+        train_det.main, "--eval-only", "data.synthetic.enabled=true", "output_dir={tmp}/runs/r")(tmp))[1],
+     CheckpointError, r"runs/r/last\.pth: not a PyTorch checkpoint .*starts with b'not weig'"),
+    ("train_det_resume_a_weights_file", lambda tmp: (earlier_run_with(tmp, {"model": None}), cli(
+        train_det.main, "--resume", "data.synthetic.enabled=true", "output_dir={tmp}/runs/r")(tmp))[1],
+     CheckpointError, r"runs/r/last\.pth: not a checkpoint of a ResDet training tool"),
+    ("train_det_resume_other_world_size", lambda tmp: (earlier_run_with(tmp, {"loop": {"world_size": 2}}), cli(
+        train_det.main, "--resume", "auto", "data.synthetic.enabled=true", "output_dir={tmp}/runs/r")(tmp))[1],
+     ValueError, r"trained by 2 process\(es\), this launch has 1.*--nnodes MIN:MAX is not supported"),
+    ("train_det_folder_in_use", lambda tmp: (folder_in_use(tmp), cli(
+        train_det.main, "--overwrite", "data.synthetic.enabled=true", "output_dir={tmp}/runs/r")(tmp))[1],
+     EXIT_IN_USE, r"runs/r is in use by another run \(pid 4242 on host node7, started 2026-01-02 03:04:05"),
+    # --- checkpoint files: test_det / visualize_det (load_detector_weights), test_seg (load_checkpoint), the
+    # Predictors and export (load_trained_weights) name the file and what is wrong, never torch's own advice
+    ("ckpt_text_file", load_as(lambda path: load_detector_weights(torch.nn.Linear(2, 2), path),
+                               lambda tmp: b"resnet weights\n"), CheckpointError,
+     r"ckpt\.pth: not a PyTorch checkpoint \(torch\.save writes a zip archive; this file starts with b'resnet w'"),
+    ("ckpt_empty_file", load_as(load_checkpoint, lambda tmp: b""), CheckpointError, r"ckpt\.pth: the file is empty"),
+    ("ckpt_truncated", load_as(lambda path: load_trained_weights(build_backbone("resnet18"), path),
+                               truncated_checkpoint), CheckpointError, r"ckpt\.pth: the file is damaged or truncated"),
+    ("ckpt_pickled_model", load_as(load_checkpoint, lambda tmp: torch.nn.Linear(2, 2)), CheckpointError,
+     r"ckpt\.pth: holds pickled Python objects \(torch\.nn\.modules\.linear\.Linear\).*state_dict\(\)"),
+    ("ckpt_other_model", load_as(lambda path: load_trained_weights(build_backbone("resnet34"), path),
+                                 lambda tmp: {"model": build_backbone("resnet18").state_dict()}), CheckpointError,
+     r"\Acheckpoint \S+ckpt\.pth does not fit this model: \d+ of the model's \d+ tensors are missing \(e\.g\. "
+     r"layer1\.2\.[^\n]{0,400}\Z"),  # counts and three examples: no key dump
+    ("ckpt_other_shapes", load_as(lambda path: load_detector_weights(build_backbone("resnet18", num_classes=10), path),
+                                  lambda tmp: {"model": build_backbone("resnet18", num_classes=5).state_dict()}),
+     CheckpointError, r"ckpt\.pth does not fit this model: 2 have another shape \(e\.g\. fc\.weight: \(5, 512\) in the "
+                      r"file, \(10, 512\) in the model\)"),
+    ("ckpt_save_disk_full", disk_full_save, CheckpointSaveError,
+     r"cannot write checkpoint \S+run/last\.pth: No space left on device \(ENOSPC\); no earlier checkpoint exists"),
+    ("ckpt_save_permission_denied", denied_save, CheckpointSaveError,
+     r"cannot write checkpoint \S+run/last\.pth: Permission denied \(EACCES\)"),
     # --- detection data (COCO json, VOC lists): decoded and checked before the first iteration
     ("det_truncated_jpeg", one_bad_image("truncated_jpeg"), DatasetError, r"a\.jpg.*cannot decode.*truncated"),
     ("det_truncated_header", one_bad_image("truncated_header"), DatasetError, r"a\.jpg.*cannot decode"),
@@ -414,6 +518,43 @@ def test_cli_exit_code_in_a_real_process():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "backbone_info.py"), "resnet18", "--size", "0"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--size" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ failed saves lose nothing
+
+def test_a_full_disk_loses_neither_a_checkpoint_nor_the_final_evaluation(tmp_path, monkeypatch, caplog):
+    """ENOSPC at the first checkpoint: the run stops naming the file and the cause, and, no checkpoint existing, the
+    same command starts anew (no --overwrite needed). ENOSPC at the final save: metrics.json is written first, the
+    error follows, and the previous last.pth is intact."""
+    argv = ["data.synthetic.enabled=true", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}",
+            "data.num_workers=0", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+            "data.synthetic.image_size=64", "data.min_size=[64]", "data.max_size=64",
+            "model.anchor_sizes=[8,16,32,64,128]", "model.rpn.post_nms_top_n_test=50", "train.batch_size=2",
+            "train.iters=4", "train.checkpoint_every=2", "train.log_every=1", "eval.every=0"]
+    fdopen, saves = os.fdopen, []
+
+    def disk_full_from(first_failing: int):
+        def open_for_save(fd, mode):  # the temporary checkpoint file: /dev/full from the `first_failing`-th save on
+            saves.append(fd)
+            if len(saves) < first_failing:
+                return fdopen(fd, mode)
+            os.close(fd)
+            return open("/dev/full", mode)
+        return open_for_save
+
+    monkeypatch.setattr("engine.checkpoint.os.fdopen", disk_full_from(1))
+    with pytest.raises(CheckpointSaveError, match=r"run/last\.pth: No space left on device \(ENOSPC\); no earlier"):
+        train_det.main(argv)
+    assert not (tmp_path / "run" / "last.pth").exists() and (tmp_path / "run" / "history.jsonl").is_file()
+
+    saves.clear()
+    monkeypatch.setattr("engine.checkpoint.os.fdopen", disk_full_from(2))
+    with pytest.raises(CheckpointSaveError, match=r"run/last\.pth: No space left on device \(ENOSPC\); the previous"):
+        train_det.main(argv)  # the same command: the folder held nothing to resume
+    assert "never wrote a checkpoint (history.jsonl): nothing to resume; starting a new run" in caplog.text
+    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) >= {"AP", "AP50"}
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["iteration"] == 2
+    assert not list((tmp_path / "run").glob(".last.pth.*.tmp"))
 
 
 # ------------------------------------------------------------------ counted skips and right results

@@ -4,6 +4,7 @@
     python tools/train_cls.py --config configs/cls/tiny_imagenet.yaml data.root=/data/tiny-imagenet-200
     torchrun --nproc_per_node=8 tools/train_cls.py --config configs/cls/imagenet_resnet50.yaml train.batch_size=32
     python tools/train_cls.py --config ... --resume             # continue from output_dir/last.pth, bit for bit
+    python tools/train_cls.py --config ... --resume auto        # the same if there is a checkpoint, else a new run
 
 Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl (train loss / top-1 per
 `log_every` iterations, the epoch's mean train top-1, val top-1 / top-5 per evaluated epoch), curves.png (train and val error, the paper's
@@ -15,10 +16,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from argparse import Namespace
 from functools import partial
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -39,6 +42,7 @@ from engine.distributed import (all_reduce_sum, cleanup, init_distributed, is_ma
 from engine.loop import TrainingLoop, amp_dtype, autocast, eval_loader  # noqa: E402
 from engine.output import HISTORY, plot_history  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
+from engine.run_lock import lock_output_dir  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cls" / "default.yaml"
 
@@ -46,7 +50,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cls" / "defa
 def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     args, cfg = parse_args(__doc__, DEFAULT_CONFIG, argv)
-    demo = resolve_demo_data(cfg, args)
+    resolve_demo_data(cfg, args)
+    with lock_output_dir(cfg.output_dir):  # one writer per run folder, taken before anything is written
+        return train(args, cfg, start)
+
+
+def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     checkpoint = start_run(cfg.output_dir, cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
     rank, world_size, device = init_distributed(cfg.device)
     amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_tf = build_cls_transforms(False, image_size=cfg.data.image_size, recipe=cfg.data.recipe,
                                   ten_crop=cfg.eval.ten_crop)
     with main_process_first():  # rank 0 writes the demo data and the validation cache, the others read them
-        if demo and is_main_process():
+        if cfg.data.synthetic.enabled and is_main_process():
             if cfg.data.format != "imagefolder":
                 raise ValueError(f"data.synthetic writes an ImageFolder, but data.format={cfg.data.format!r}")
             spec = cfg.data.synthetic

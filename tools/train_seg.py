@@ -4,6 +4,7 @@
     python tools/train_seg.py --config configs/seg/coco128_voc.yaml train.lr=0.02
     torchrun --nproc_per_node=8 tools/train_seg.py --config configs/seg/deeplabv3plus_r101_voc.yaml device=cuda
     python tools/train_seg.py --config ... --resume             # continue from output_dir/last.pth, bit for bit
+    python tools/train_seg.py --config ... --resume auto        # the same if there is a checkpoint, else a new run
 
 Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl and metrics.json.
 """
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
+
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -21,6 +25,7 @@ from engine.demo_data import resolve_demo_data  # noqa: E402
 from engine.distributed import cleanup, init_distributed, is_main_process, main_process_first  # noqa: E402
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
+from engine.run_lock import lock_output_dir  # noqa: E402
 from segmentation.build import build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
 from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model, segmentation_loss  # noqa: E402
@@ -33,6 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     args, cfg = parse_args(__doc__, DEFAULT_CONFIG, argv)
     resolve_demo_data(cfg, args)
+    with lock_output_dir(cfg.output_dir):  # one writer per run folder, taken before anything is written
+        return train(args, cfg, start)
+
+
+def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     checkpoint = start_run(cfg.output_dir, cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
     rank, world_size, device = init_distributed(cfg.device)
     amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read

@@ -194,9 +194,7 @@ def run_stage(tool_main, argv: list[str], stage_dir: Path, out: Path, start: flo
         wall = json.loads((stage_dir / WALL_TIME).read_text())["seconds"] if (stage_dir / WALL_TIME).is_file() else None
         log("done before, skipped")
         return metrics, wall
-    argv = [*argv, f"output_dir={stage_dir}"]
-    if (stage_dir / "last.pth").is_file():
-        argv.insert(0, "--resume")  # interrupted mid-stage: continue exactly where it stopped
+    argv = ["--resume", "auto", *argv, f"output_dir={stage_dir}"]  # interrupted mid-stage: continue where it stopped
     log(f"running {' '.join(argv)}")
     t0 = time.time()
     metrics = tool_main(argv)
