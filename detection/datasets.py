@@ -8,8 +8,10 @@ Boxes are float32 xyxy pixels with x2/y2 exclusive (COCO's x + w); labels are co
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import math
 import operator
 import re
 import xml.etree.ElementTree as ET
@@ -144,16 +146,21 @@ class _Problems:
 
 
 def _checked_box(box: Sequence[float], width: int, height: int) -> tuple[np.ndarray | None, str]:
-    """The box clipped to the image if it overhangs by at most BOX_TOLERANCE, else (None, why)."""
-    b = np.asarray(box, dtype=np.float64)
-    if b.shape != (4,) or not np.isfinite(b).all():
+    """The box clipped to the image if it overhangs by at most BOX_TOLERANCE, else (None, why). In Python floats
+    (float64, as numpy would compute it; 3x faster than numpy on 4 numbers, for COCO's 860k boxes)."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
         return None, "is not 4 finite numbers"
-    if b[0] < -BOX_TOLERANCE or b[1] < -BOX_TOLERANCE or b[2] > width + BOX_TOLERANCE or b[3] > height + BOX_TOLERANCE:
+    if not all(map(math.isfinite, (x1, y1, x2, y2))):
+        return None, "is not 4 finite numbers"
+    if x1 < -BOX_TOLERANCE or y1 < -BOX_TOLERANCE or x2 > width + BOX_TOLERANCE or y2 > height + BOX_TOLERANCE:
         return None, f"lies outside the {width}x{height} image"
-    b = np.clip(b, 0, [width, height, width, height])
-    if b[2] <= b[0] or b[3] <= b[1]:
+    x1, y1, x2, y2 = (min(v if v > 0.0 else 0.0, limit)  # np.clip's result, -0.0 included (it gives 0.0)
+                      for v, limit in ((x1, width), (y1, height), (x2, width), (y2, height)))
+    if x2 <= x1 or y2 <= y1:
         return None, "has zero or negative area"
-    return b.astype(np.float32), ""
+    return np.array((x1, y1, x2, y2), dtype=np.float32), ""
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -187,7 +194,7 @@ def _read_coco_json(annotations_json: Path) -> dict:
     memory (2.7 vs 0.9 GiB) for COCO 2017's train json. A file the cut text does not parse is parsed whole, for
     the error at its place in the file."""
     try:
-        text = _POLYGONS.sub(b'"segmentation":[]', annotations_json.read_bytes())
+        text = _without_polygons(annotations_json)
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -198,6 +205,21 @@ def _read_coco_json(annotations_json: Path) -> dict:
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
         raise DatasetError(f"{annotations_json}: not COCO instances json (needs 'images' and 'categories' lists)")
     return data
+
+
+def _without_polygons(path: Path, block: int = 1 << 25) -> bytes:
+    """The file's text with every polygon list cut, read in blocks so that the whole file is never in memory.
+    A block is cut up to its last "segmentation" key: a polygon match cannot run over a key (its characters are
+    number characters only), so each one lies whole in the text cut before it; the rest goes to the next block."""
+    parts, rest = [], b""
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            text = rest + data
+            cut = max(text.rfind(b'"segmentation"'), 0)
+            parts.append(_POLYGONS.sub(b'"segmentation":[]', text[:cut]))
+            rest = text[cut:]
+    parts.append(_POLYGONS.sub(b'"segmentation":[]', rest))
+    return b"".join(parts)
 
 
 def _coco_image(images_dir: Path, img: dict, anns: list[dict], label_of: dict[int, int], annotations_json: Path,
@@ -219,33 +241,47 @@ def _coco_image(images_dir: Path, img: dict, anns: list[dict], label_of: dict[in
     width, height = (img["width"], img["height"]) if img.get("width") and img.get("height") else _image_size(path)
     boxes, labels, ignore = [], [], []
     for ann in anns:
-        where = f"{annotations_json}: annotation id {ann.get('id')} (image {path.name})"
-        if not _is_int(ann.get("category_id")) or ann["category_id"] not in label_of:
-            problem(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
+        where = lambda: f"{annotations_json}: annotation id {ann.get('id')} (image {path.name})"  # noqa: E731
+        category, bbox, crowd = ann.get("category_id"), ann.get("bbox"), ann.get("iscrowd", 0)
+        if not _is_int(category) or category not in label_of:
+            problem(f"{where()}: category_id {category!r} is not in 'categories'")
             continue
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            problem(f"{where}: bbox {bbox!r} must be a list of 4 numbers [x, y, width, height]")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+            problem(f"{where()}: bbox {bbox!r} must be a list of 4 numbers [x, y, width, height]")
             continue
-        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), float):
-            problem(f"{where}: iscrowd {ann.get('iscrowd')!r} must be 0 or 1")
+        if crowd not in (0, 1) or isinstance(crowd, float):
+            problem(f"{where()}: iscrowd {crowd!r} must be 0 or 1")
             continue
         x, y, w, h = bbox
         box, why = _checked_box([x, y, x + w, y + h], width, height)
         if box is None:
-            problem(f"{where}: bbox {ann.get('bbox')} (xywh) {why}")
+            problem(f"{where()}: bbox {bbox} (xywh) {why}")
             continue
         boxes.append(box)
-        labels.append(label_of[ann["category_id"]])
-        ignore.append(bool(ann.get("iscrowd", 0)))
+        labels.append(label_of[category])
+        ignore.append(bool(crowd))
     return _record(path, width, height, boxes, labels, ignore, image_id)
 
 
 def load_coco_records(images_dir: str | Path, annotations_json: str | Path, *,
                       skip_invalid: bool = False) -> tuple[ImageRecords, list[str], list[int]]:
     """Records, class names and COCO category ids; label k is category `cat_ids[k - 1]` (sorted by id).
-    Images without annotations are kept: they are valid negatives."""
-    images_dir, annotations_json = Path(images_dir), Path(annotations_json)
+    Images without annotations are kept: they are valid negatives.
+
+    Python's cyclic garbage collector is paused meanwhile: the json of COCO's size is millions of dicts and
+    lists and no cycle, and collections triggered by their allocation would traverse them all again and again
+    (a third of the loading time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_coco_records(Path(images_dir), Path(annotations_json), skip_invalid)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load_coco_records(images_dir: Path, annotations_json: Path,
+                       skip_invalid: bool) -> tuple[ImageRecords, list[str], list[int]]:
     data = _read_coco_json(annotations_json)
     for kind in ("categories", "images"):
         for entry in data[kind]:
