@@ -44,8 +44,13 @@ class DatasetError(ValueError):
 
 def read_image(path: str | Path) -> np.ndarray:
     """HxWx3 uint8 RGB (grayscale files are expanded to 3 channels), decoded with OpenCV, EXIF orientation
-    ignored (see the module docstring)."""
-    image = cv2.imread(str(path), READ_FLAGS)
+    ignored (see the module docstring). From the file's bytes (`imdecode`): the same pixels as `imread` at the same
+    speed, but a truncated JPEG fails instead of coming back silently padded with grey (`imread` only warns)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        data = np.zeros(0, np.uint8)
+    image = cv2.imdecode(data, READ_FLAGS) if data.size else None
     if image is None:
         raise DatasetError(f"{path}: cannot read image (missing, truncated or not an image)")
     return image

@@ -52,6 +52,8 @@ FULL_DECODE_LIMIT = 10_000
 CACHE_FOLDER = "validated"
 CACHE_FLUSH_EVERY = 512
 """Decoded files between two appends to this process's cache file: what an interrupted check redoes at most."""
+CHUNK = 64
+"""Files per task of the thread pool (one task per file would cost more in futures than a header read)."""
 OPENCV_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
 """PIL format names of files OpenCV's `imread` also decodes (the detection / segmentation reader)."""
 
@@ -155,7 +157,7 @@ class InvalidFiles:
     def met(self, error: DatasetError) -> None:
         """Raise `error`, or record it (returning: the caller skips the file)."""
         if not self.skip:
-            raise error
+            raise DatasetError(f"{error} (or set data.skip_invalid=true to skip such files)") from None
         message = str(error)
         if message in self.seen:
             return
@@ -173,16 +175,20 @@ def _run_all(inspect: Callable[[int], dict], indices: list[int], split: str, num
     """`inspect` of every index on a thread pool (file reads and decoders release the GIL), in chunks, with a
     progress bar on rank 0; `on_result(index, found)` as each completes, in order."""
     workers = max(1, num_workers or len(os.sched_getaffinity(0)))
-    chunks = [indices[start:start + 256] for start in range(0, len(indices), 256)]
+    chunks = [indices[start:start + CHUNK] for start in range(0, len(indices), CHUNK)]
     results: dict[int, dict] = {}
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(indices), unit="file", desc=f"checking {split} files",
-                                                   mininterval=2, disable=not indices or not is_main_process()) as bar:
-        for chunk, found in zip(chunks, pool.map(lambda chunk: [inspect(i) for i in chunk], chunks)):
-            for index, result in zip(chunk, found):
-                results[index] = result
-                if on_result is not None:
-                    on_result(index, result)
-            bar.update(len(chunk))
+    pool = ThreadPoolExecutor(workers)
+    try:
+        with tqdm(total=len(indices), unit="file", desc=f"checking {split} files", mininterval=2,
+                  disable=not indices or not is_main_process()) as bar:
+            for chunk, found in zip(chunks, pool.map(lambda chunk: [inspect(i) for i in chunk], chunks)):
+                for index, result in zip(chunk, found):
+                    results[index] = result
+                    if on_result is not None:
+                        on_result(index, result)
+                bar.update(len(chunk))
+    finally:
+        pool.shutdown(cancel_futures=True)  # interrupted (Ctrl-C, a signal): start no further chunk
     return results
 
 
@@ -208,8 +214,10 @@ def _decode_cached(checks: Sequence[FileCheck], indices: list[int], split: str, 
         if "error" not in result and stamps[index] is not None:
             writer.add(_key(checks[index]), [stamps[index], result])
 
-    found.update(_run_all(lambda i: _inspect(checks[i]), todo, split, num_workers, on_result=record))
-    writer.flush()
+    try:
+        found.update(_run_all(lambda i: _inspect(checks[i]), todo, split, num_workers, on_result=record))
+    finally:
+        writer.flush()  # also when interrupted: the next check starts after what was done
     return found
 
 
