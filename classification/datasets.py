@@ -23,12 +23,14 @@ FORMATS = ("imagefolder", "tiny-imagenet", "cifar10", "cifar100")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image as RGB (Tiny-ImageNet has ~2 % grayscale files); failures name the file."""
+    """Decode an image as RGB (Tiny-ImageNet has ~2 % grayscale files); failures name the file (a DatasetError:
+    met in a DataLoader worker, it reaches the main process with its own message)."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except OSError as e:  # includes UnidentifiedImageError and truncated files
-        raise OSError(f"cannot decode image {path}: {e}") from e
+        raise DatasetError(f"{path}: cannot decode image ({e}); re-copy or remove it (data.validate=full checks "
+                           "every file before training)") from e
 
 
 def _require_dir(path: Path) -> Path:
