@@ -25,8 +25,8 @@ import benchmark_scale  # noqa: E402
 import train_det  # noqa: E402
 
 import engine.validation as validation  # noqa: E402
-from detection.datasets import (DatasetError, DetectionDataset, ImageRecord, ImageRecords, load_coco_records,  # noqa: E402
-                                validate_records)
+from detection.datasets import (BOX_TOLERANCE, DatasetError, DetectionDataset, ImageRecord, ImageRecords,  # noqa: E402
+                                _checked_box, load_coco_records, validate_records)
 from detection.synthetic import generate_shapes_dataset  # noqa: E402
 from engine.images import read_header  # noqa: E402
 from engine.validation import InvalidFiles, validation_mode  # noqa: E402
@@ -136,6 +136,30 @@ def test_interrupted_full_check_resumes_from_its_cache(tmp_path, monkeypatch):
     decoded.clear()
     validate_records(records, validate="full", cache_dir=tmp_path / "cache")
     assert decoded == []
+
+
+def numpy_checked_box(box, width, height):
+    """detection.datasets._checked_box as it was in numpy (before issue 21): the reference for the Python one."""
+    b = np.asarray(box, dtype=np.float64)
+    if b.shape != (4,) or not np.isfinite(b).all():
+        return None, "is not 4 finite numbers"
+    if b[0] < -BOX_TOLERANCE or b[1] < -BOX_TOLERANCE or b[2] > width + BOX_TOLERANCE or b[3] > height + BOX_TOLERANCE:
+        return None, f"lies outside the {width}x{height} image"
+    b = np.clip(b, 0, [width, height, width, height])
+    if b[2] <= b[0] or b[3] <= b[1]:
+        return None, "has zero or negative area"
+    return b.astype(np.float32), ""
+
+
+def test_box_check_in_python_floats_gives_numpys_results_bit_for_bit():
+    rng = np.random.default_rng(0)
+    edges = [-2, -1, -0.5, -0.0, 0, 0.3, 1, 5, 19.9999999, 20, 20.5, 21, 22, 16, 16.7, 17.5, float("nan"),
+             float("inf"), 1e300, 2 ** 60 + 1, 1 / 3]
+    for _ in range(20_000):
+        box = [edges[i] if rng.random() < 0.7 else float(rng.uniform(-3, 25)) for i in rng.integers(0, len(edges), 4)]
+        (got, why), (expected, expected_why) = _checked_box(box, 20, 16), numpy_checked_box(box, 20, 16)
+        assert why == expected_why, box
+        assert got is None if expected is None else got.tobytes() == expected.tobytes(), box
 
 
 # ------------------------------------------------------------------ the records store
