@@ -181,12 +181,15 @@ def build_simulated_coco(root: Path, sizes: dict[str, int] = COCO_SIZES, seed: i
 # ------------------------------------------------------------------ what each measuring process reads about itself
 
 def memory_mib(pid: int | str = "self") -> dict[str, float]:
-    """RSS and PSS of a process in MiB (/proc/<pid>/smaps_rollup: PSS splits each shared page between its users)."""
-    values = {}
+    """RSS, PSS and private memory of a process in MiB (/proc/<pid>/smaps_rollup: PSS splits each shared page
+    between its users; private = pages only this process maps: its own allocations and its copy-on-write copies)."""
+    values = {"private": 0.0}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         key, _, rest = line.partition(":")
         if key in ("Rss", "Pss"):
             values[key.lower()] = int(rest.split()[0]) / 1024
+        elif key in ("Private_Clean", "Private_Dirty"):
+            values["private"] += int(rest.split()[0]) / 1024
     return values
 
 
