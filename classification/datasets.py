@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder, VisionDataset
 
 from engine.images import DatasetError, inside
-from engine.validation import FileCheck, validate_files
+from engine.validation import FileCheck, validate_files, validation_mode
 
 from .cifar import build_cifar
 
@@ -23,12 +23,14 @@ FORMATS = ("imagefolder", "tiny-imagenet", "cifar10", "cifar100")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image as RGB (Tiny-ImageNet has ~2 % grayscale files); failures name the file."""
+    """Decode an image as RGB (Tiny-ImageNet has ~2 % grayscale files); failures name the file (a DatasetError:
+    met in a DataLoader worker, it reaches the main process with its own message)."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except OSError as e:  # includes UnidentifiedImageError and truncated files
-        raise OSError(f"cannot decode image {path}: {e}") from e
+        raise DatasetError(f"{path}: cannot decode image ({e}); re-copy or remove it (data.validate=full checks "
+                           "every file before training)") from e
 
 
 def _require_dir(path: Path) -> Path:
@@ -126,16 +128,21 @@ class TinyImageNetVal(VisionDataset):
         return image, label
 
 
-def validate_dataset(dataset: Dataset, *, split: str = "train", skip_invalid: bool = False,
-                     report_dir: str | Path | None = None, num_workers: int | None = None,
+def validate_dataset(dataset: Dataset, *, split: str = "train", validate: str | bool = "auto",
+                     skip_invalid: bool = False, report_dir: str | Path | None = None, num_workers: int | None = None,
                      cache_dir: str | Path | None = None) -> Dataset:
-    """Decode every image of an ImageFolder / Tiny-ImageNet split once (engine.validation: parallel, cached
-    outside the data folder); with `skip_invalid`, bad files are dropped from `samples`, counted and listed in
-    `report_dir/invalid_<split>.txt`. A train split with fewer than two classes has nothing to learn."""
+    """Check the images of an ImageFolder / Tiny-ImageNet split as `validate` (`data.validate`: auto | full |
+    header | false) says (engine.validation: full decodes are parallel, sharded over ranks and cached outside the
+    data folder; call it on every rank); with `skip_invalid`, bad files are dropped from `samples`, counted and
+    listed in `report_dir/invalid_<split>.txt`. A train split with fewer than two classes has nothing to learn."""
     samples = dataset.samples
-    checks = [FileCheck(Path(path), where=f"class {dataset.classes[label]!r}", opencv=False) for path, label in samples]
-    skipped, _ = validate_files(checks, skip_invalid=skip_invalid, report_dir=report_dir, split=split,
-                                num_workers=num_workers, cache_dir=cache_dir)
+    mode = validation_mode(validate, len(samples))
+    skipped: set[int] = set()
+    if mode is not None:
+        checks = [FileCheck(Path(path), where=f"class {dataset.classes[label]!r}", opencv=False)
+                  for path, label in samples]
+        skipped, _ = validate_files(checks, skip_invalid=skip_invalid, report_dir=report_dir, split=split, mode=mode,
+                                    num_workers=num_workers, cache_dir=cache_dir)
     kept = [sample for index, sample in enumerate(samples) if index not in skipped]
     present = {label for _, label in kept}
     if not kept or (split == "train" and len(present) < 2):

@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from engine.demo_data import prepare_demo_data
+from engine.validation import InvalidFiles
 
 from .datasets import VOC_CLASSES, DetectionDataset, ImageRecord, load_coco_records, load_voc_records
 from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco
@@ -102,10 +104,15 @@ def _load_all(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], l
     return records, class_names, None
 
 
-def build_dataset(data: Mapping[str, Any], records: list[ImageRecord], train: bool) -> DetectionDataset:
+def build_dataset(data: Mapping[str, Any], records: Sequence[ImageRecord], train: bool,
+                  report_dir: str | Path | None = None) -> DetectionDataset:
+    """The split's dataset with its transform; an image that fails to decode mid-run is skipped and listed in
+    `report_dir/invalid_<split>.txt` with `data.skip_invalid`, else stops the run naming it."""
     sizes = list(data["min_size"]) if not isinstance(data["min_size"], int) else [data["min_size"]]
     transform = build_det_transforms(train, sizes if train else max(sizes), data["max_size"], flip_prob=data["flip_prob"])
-    return DetectionDataset(records, transform)
+    report = Path(report_dir) / f"invalid_{'train' if train else 'val'}.txt" if report_dir is not None else None
+    return DetectionDataset(records, transform, invalid=InvalidFiles(data["skip_invalid"], report),
+                            replace_skipped=train)
 
 
 def build_evaluator(metric: str, backend: str, data: Mapping[str, Any], records: list[ImageRecord],

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
-from engine.distributed import all_gather_object, is_main_process
+from engine.distributed import gather_object, is_main_process
 
 from .evaluation import CocoEvaluator, VOCEvaluator
 
@@ -68,12 +68,14 @@ def evaluate(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluator | VO
     see `detect`), gather predictions on rank 0, compute the metrics there. Other ranks return {}."""
     model.eval()
     for images, targets in tqdm(loader, desc="eval", disable=not is_main_process(), dynamic_ncols=True):
+        if not images:  # every image of the batch was skipped (data.skip_invalid)
+            continue
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = detect(model, [image.to(device) for image in images], scales, flip)
         for image, target, output in zip(images, targets, outputs):
             boxes = to_original_size(output["boxes"].float().cpu(), image, target["orig_size"])
             evaluator.update(target["image_id"], boxes, output["scores"].float().cpu(), output["labels"].cpu())
-    gathered = all_gather_object(evaluator.predictions)
+    gathered = gather_object(evaluator.predictions)  # to rank 0 only: it alone scores them
     if not is_main_process():
         return {}
     for predictions in gathered[1:]:

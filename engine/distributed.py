@@ -88,6 +88,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` on rank ``dst`` (in rank order), None on the others: what only one rank uses
+    should not cost every rank the memory of all of it; ``[obj]`` without a process group."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] | None = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of ``tensor`` over ranks, as a new tensor (the input is left untouched)."""
     total = tensor.clone()

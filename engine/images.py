@@ -7,7 +7,10 @@ rotate JPEGs by default and misalign them with their boxes and masks, so `read_i
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import re
+import struct
 from pathlib import Path
 
 import cv2
@@ -31,14 +34,98 @@ EXIF orientation ignored. The decoder writes RGB itself: the same pixels as BGR 
 class DatasetError(ValueError):
     """A dataset file or annotation is unusable; the message names the file (and the object)."""
 
+    def __init__(self, message: str) -> None:
+        # torch's DataLoader re-raises a worker's exception in the main process as the same type built from
+        # "Caught DatasetError in DataLoader worker process N.\nOriginal Traceback ...\n...DatasetError: <ours>":
+        # keep ours, so a bad file met by a worker reads as it does with num_workers=0
+        wrapped = re.fullmatch(r"Caught DatasetError in DataLoader worker process \d+\.\nOriginal Traceback .*"
+                               r"\n[\w.]*DatasetError: ([^\n]*)\n?", message, re.S)
+        super().__init__(wrapped[1] if wrapped else message)
+
+
+TRIM_EVERY = 128
+"""Images a process reads between two `malloc_trim` calls (see `_trim_heap`)."""
+_libc = ctypes.CDLL(None) if hasattr(ctypes.CDLL(None), "malloc_trim") else None  # glibc only
+_reads = 0
+
+
+def _trim_heap() -> None:
+    """Every TRIM_EVERY reads, hand the heap's free pages back to the OS (glibc `malloc_trim`). Image buffers
+    (decoded, resized, float: MBs each, of sizes that change with multi-scale training) are served from glibc's
+    heap, whose free pieces stay resident: a DataLoader worker's memory rose by 40-70 MiB per 1,000 iterations
+    (docs/benchmarks.md, "COCO scale"). Forcing them into mmap instead (a fixed M_MMAP_THRESHOLD) stops that,
+    but page-faulting every buffer anew made a worker 3x slower; a trim now and then costs ~1 %."""
+    global _reads
+    _reads += 1
+    if _libc is not None and _reads % TRIM_EVERY == 0:
+        _libc.malloc_trim(0)
+
 
 def read_image(path: str | Path) -> np.ndarray:
     """HxWx3 uint8 RGB (grayscale files are expanded to 3 channels), decoded with OpenCV, EXIF orientation
-    ignored (see the module docstring)."""
-    image = cv2.imread(str(path), READ_FLAGS)
+    ignored (see the module docstring). From the file's bytes (`imdecode`): the same pixels as `imread` at the same
+    speed, but a truncated JPEG fails instead of coming back silently padded with grey (`imread` only warns)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        data = np.zeros(0, np.uint8)
+    image = cv2.imdecode(data, READ_FLAGS) if data.size else None
+    _trim_heap()
     if image is None:
         raise DatasetError(f"{path}: cannot read image (missing, truncated or not an image)")
     return image
+
+
+JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+"""SOFn: the JPEG segments that hold the image size (every n but DHT C4, JPG C8 and DAC CC)."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MODES = {(0, 1): "1", (0, 8): "L", (0, 16): "I;16", (2, 8): "RGB", (2, 16): "RGB", (3, 1): "P", (3, 2): "P",
+             (3, 4): "P", (3, 8): "P", (4, 8): "LA", (4, 16): "LA", (6, 8): "RGBA", (6, 16): "RGBA"}
+"""PIL's mode for a PNG (colour type, bit depth) from its IHDR chunk."""
+JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+
+
+def read_header(path: str | Path) -> dict:
+    """{"format", "size": [width, height], "mode"} of an image file from its first bytes, without decoding:
+    JPEG and PNG parsed here (~5x faster than PIL.Image.open, which matters for 100k+ files at start-up), other
+    formats by PIL's lazy open. Raises OSError / ValueError (SyntaxError from PIL) when the header is unreadable."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        if head.startswith(b"\xff\xd8"):
+            return _jpeg_header(f, head)
+        if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR" and len(head) >= 26:
+            width, height, depth, colour = struct.unpack_from(">IIBB", head, 16)
+            return {"format": "PNG", "size": [width, height], "mode": PNG_MODES.get((colour, depth), "?")}
+    with Image.open(path) as image:
+        return {"format": image.format, "size": list(image.size), "mode": image.mode}
+
+
+def _jpeg_header(f, data: bytes) -> dict:
+    """Walk the marker segments from the start of the file to the frame header (SOFn), which holds the size."""
+    base, pos = 0, 2  # data[0] is byte `base` of the file
+    while True:
+        if pos + 10 > len(data):  # the next segment header lies past what was read: read on from it
+            f.seek(base + pos)
+            base, pos, data = base + pos, 0, f.read(4096)
+            if len(data) < 10:
+                raise ValueError(f"JPEG ends at byte {base + len(data)} before its frame header (truncated)")
+        if data[pos] != 0xFF:
+            raise ValueError(f"JPEG has no marker at byte {base + pos}: corrupt header")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in JPEG_FRAME_MARKERS:
+            height, width, components = struct.unpack_from(">HHB", data, pos + 5)
+            return {"format": "JPEG", "size": [width, height], "mode": JPEG_MODES.get(components, "?")}
+        elif marker in (0xD9, 0xDA):
+            raise ValueError("JPEG has no frame header before its image data: corrupt header")
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a segment
+            pos += 2
+        else:
+            length = struct.unpack_from(">H", data, pos + 2)[0]
+            if length < 2:
+                raise ValueError(f"JPEG segment at byte {base + pos} has length {length}: corrupt header")
+            pos += 2 + length
 
 
 def size_mismatch(path: str | Path, actual: tuple[int, int], expected: tuple[int, int], where: str) -> str:

@@ -17,7 +17,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from engine.images import DatasetError, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
-from engine.validation import FileCheck, validate_files
+from engine.validation import FileCheck, validate_files, validation_mode
 from segmentation.palette import VOC_CLASSES, VOID
 
 IMAGE_SUFFIXES = (".jpg", ".png")
@@ -105,12 +105,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image_t = image_t.float() / 255 if image_t.dtype == torch.uint8 else image_t.float()
         return image_t, torch.from_numpy(np.ascontiguousarray(mask)).long()
 
-    def validate(self, *, split: str = "train", skip_invalid: bool = False, report_dir: str | Path | None = None,
-                 num_workers: int | None = None, cache_dir: str | Path | None = None) -> None:
-        """Decode and check every image and mask now (engine.validation: parallel, cached outside the data
-        folder), instead of failing mid-epoch. With `skip_invalid`, bad pairs are dropped from `samples`,
-        counted and listed in `report_dir/invalid_<split>.txt`. A split without any foreground pixel (or
-        COCO object) is refused: there is nothing to learn from."""
+    def validate(self, *, split: str = "train", validate: str | bool = "auto", skip_invalid: bool = False,
+                 report_dir: str | Path | None = None, num_workers: int | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        """Check every image and mask now as `validate` (`data.validate`: auto | full | header | false) says
+        (engine.validation: full decodes are parallel, sharded over ranks and cached outside the data folder;
+        call it on every rank), instead of failing mid-epoch. With `skip_invalid`, bad pairs are dropped from
+        `samples`, counted and listed in `report_dir/invalid_<split>.txt`. A split without any foreground pixel
+        (or COCO object) is refused: there is nothing to learn from (label values are known only from a full
+        decode: a header check assumes they hold some)."""
+        mode = validation_mode(validate, len(self.samples))
+        if mode is None:
+            return
         checks = []
         for image_path, source in self.samples:
             if isinstance(source, Path):
@@ -121,7 +127,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 info = source.coco.imgs[source.image_id]
                 checks += [FileCheck(image_path, where=str(source), size=(info["width"], info["height"]))]
         skipped, info = validate_files(checks, skip_invalid=skip_invalid, report_dir=report_dir, split=split,
-                                       num_workers=num_workers, cache_dir=cache_dir)
+                                       mode=mode, num_workers=num_workers, cache_dir=cache_dir)
         kept, foreground, index = [], False, 0
         for image_path, source in self.samples:
             width = 2 if isinstance(source, Path) else 1
@@ -140,7 +146,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 def _has_foreground(source: MaskSource, info: dict | None) -> bool:
     """Whether a mask holds some class other than background (0) and void."""
     if isinstance(source, Path):
-        return any(0 < v < VOID for v in (info or {}).get("values", []))
+        values = (info or {}).get("values")
+        return values is None or any(0 < v < VOID for v in values)  # None: read from the header only
     return any(not a["iscrowd"] and source.class_mapping.get(a["category_id"], 0) > 0
                for a in source.coco.imgToAnns[source.image_id])
 

@@ -37,13 +37,15 @@ import visualize_det  # noqa: E402
 from backbones import build_backbone, fold_batchnorm  # noqa: E402
 from backbones.resnet import ResNet  # noqa: E402
 from classification.datasets import build_cls_dataset, validate_dataset  # noqa: E402
-from detection.datasets import DatasetError, load_coco_records, load_voc_records, validate_records  # noqa: E402
+from detection.datasets import (DatasetError, DetectionDataset, load_coco_records, load_voc_records,  # noqa: E402
+                                validate_records)
 from detection.models import load_detector_weights  # noqa: E402
 from engine.checkpoint import CheckpointError, CheckpointSaveError, load_checkpoint, save_checkpoint  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
 from engine.images import read_image  # noqa: E402
 from engine.run_lock import EXIT_IN_USE, LOCK_FILE  # noqa: E402
 from engine.trained import load_trained_weights  # noqa: E402
+from engine.validation import InvalidFiles  # noqa: E402
 from segmentation.datasets import VOCSegmentation  # noqa: E402
 
 CONFIGS = {tool: ROOT / "configs" / tool / "default.yaml" for tool in ("det", "seg", "cls", "transfer")}
@@ -571,6 +573,27 @@ def test_skip_invalid_skips_every_kind_of_bad_file_counts_and_lists_them(tmp_pat
     assert len(listed) == len(BAD_IMAGES) and all(any(kind in line for line in listed) for kind in BAD_IMAGES)
     assert f"skipped {len(BAD_IMAGES)} of {len(files)} file(s)" in caplog.text
     assert tree_digest(tmp_path / "data") == before
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_header_validation_still_names_every_bad_image_and_stops_or_skips_it(tmp_path, kind):
+    """data.validate=header reads headers only: each bad image is refused up front, or, if its header is
+    intact, when training reads it: named either way, then the run stops or (skip_invalid) skips and lists it."""
+    folder, ann = coco_set(tmp_path, files={"a.jpg": BAD_IMAGES[kind](tmp_path), "b.png": png_bytes()})
+    records, _, _ = load_coco_records(folder, ann)
+    try:
+        kept = validate_records(records, validate="header", report_dir=tmp_path / "out")
+    except DatasetError as error:
+        assert "a.jpg" in str(error) and "skip_invalid" in str(error)
+        kept = validate_records(records, validate="header", skip_invalid=True, report_dir=tmp_path / "out")
+        assert [Path(r.path).name for r in kept] == ["b.png"]
+        assert "a.jpg" in (tmp_path / "out" / "invalid_train.txt").read_text()
+        return
+    with pytest.raises(DatasetError, match=r"a\.jpg.*skip_invalid"):
+        DetectionDataset(kept, invalid=InvalidFiles(False))[0]
+    report = tmp_path / "out" / "invalid_train.txt"
+    _, target = DetectionDataset(kept, invalid=InvalidFiles(True, report))[0]
+    assert target["image_id"] == 2 and "a.jpg" in report.read_text()
 
 
 def test_second_validation_is_served_from_the_cache(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from classification.datasets import build_cls_dataset
+from engine.images import DatasetError
 from classification.metrics import AccuracyMeter, average_crops, topk_correct
 from classification.synthetic import generate_imagefolder
 from classification.transforms import PCALighting, build_cls_transforms
@@ -84,7 +85,7 @@ def test_decode_error_names_file(tiny_root: Path) -> None:
     bad = tiny_root / "val" / "images" / "val_1.JPEG"
     bad.write_bytes(b"not a jpeg")
     val = build_cls_dataset("tiny-imagenet", tiny_root, "val", None)
-    with pytest.raises(OSError, match="val_1.JPEG"):
+    with pytest.raises(DatasetError, match="val_1.JPEG"):
         val[1]
 
 

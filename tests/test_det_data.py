@@ -1,6 +1,7 @@
 """Detection data: COCO / VOC loading and validation, transforms, the synthetic set and grouped batching."""
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -180,9 +181,9 @@ def test_dataset_item_drops_ignored_boxes(tmp_path):
     assert dataset.aspect_ratios() == [20 / 16, 10 / 12]
     images, targets = collate([dataset[0], dataset[1]])
     assert len(images) == len(targets) == 2 and targets[1]["boxes"].shape == (0, 4)
-    records[0].width = 21
+    wrong_size = DetectionDataset([replace(records[0], width=21)])
     with pytest.raises(DatasetError, match=r"a.png: image is 20x16 \(WxH\) but the annotation of image id 5 says 21x16"):
-        dataset[0]
+        wrong_size[0]
 
 
 @pytest.mark.parametrize("train, min_size, max_size, flip, size_hw, box", [

@@ -65,7 +65,7 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     train_tf = build_cls_transforms(True, image_size=cfg.data.image_size, recipe=cfg.data.recipe)
     val_tf = build_cls_transforms(False, image_size=cfg.data.image_size, recipe=cfg.data.recipe,
                                   ten_crop=cfg.eval.ten_crop)
-    with main_process_first():  # rank 0 writes the demo data and the validation cache, the others read them
+    with main_process_first():  # rank 0 writes the demo data, the others wait for it
         if cfg.data.synthetic.enabled and is_main_process():
             if cfg.data.format != "imagefolder":
                 raise ValueError(f"data.synthetic writes an ImageFolder, but data.format={cfg.data.format!r}")
@@ -73,10 +73,10 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
             prepare_demo_data(cfg.data.root, partial(generate_imagefolder, num_classes=spec.num_classes,
                                                      train_per_class=spec.train_per_class,
                                                      val_per_class=spec.val_per_class, image_size=spec.image_size))
-        train_full, val_full = (validate_dataset(build_cls_dataset(cfg.data.format, cfg.data.root, split, transform),
-                                                 split=split, skip_invalid=cfg.data.skip_invalid,
-                                                 report_dir=cfg.output_dir)
-                                for split, transform in (("train", train_tf), ("val", val_tf)))
+    train_full, val_full = (validate_dataset(build_cls_dataset(cfg.data.format, cfg.data.root, split, transform),
+                                             split=split, validate=cfg.data.validate,  # every rank: its share
+                                             skip_invalid=cfg.data.skip_invalid, report_dir=cfg.output_dir)
+                            for split, transform in (("train", train_tf), ("val", val_tf)))
     class_names = train_full.classes
     if val_full.classes != class_names:
         raise ValueError(f"train has {len(class_names)} classes, val has {len(val_full.classes)}: the splits of "

@@ -50,21 +50,22 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read
     seed_everything(cfg.train.seed, rank)
 
-    # --- data: every image is decoded and checked up front, so a bad file stops us now, not hours into an epoch
-    with main_process_first():  # rank 0 writes the demo data and the validation cache, the others read them
+    # --- data: images checked up front as data.validate says (a bad file stops us now, not hours into an epoch);
+    # one that fails to decode mid-run is handled as data.skip_invalid says
+    with main_process_first():  # rank 0 writes the demo data, the others wait for it
         if is_main_process():
             prepare_synthetic(cfg.data)
-        train_records, class_names, _ = load_split(cfg.data, "train")
-        val_records, val_class_names, cat_ids = load_split(cfg.data, "val")
-        if class_names != val_class_names or len(class_names) != cfg.model.num_classes:
-            raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has {len(class_names)} "
-                             f"classes {class_names} (val: {len(val_class_names)})")
-        train_records, val_records = (validate_records(records, split=split, skip_invalid=cfg.data.skip_invalid,
-                                                       report_dir=cfg.output_dir)
-                                      for records, split in ((train_records, "train"), (val_records, "val")))
-    train_set = build_dataset(cfg.data, train_records, train=True)
-    val_loader = eval_loader(build_dataset(cfg.data, val_records, train=False), cfg.eval.batch_size,
-                             cfg.data.num_workers, collate_fn=collate)
+    train_records, class_names, _ = load_split(cfg.data, "train")
+    val_records, val_class_names, cat_ids = load_split(cfg.data, "val")
+    if class_names != val_class_names or len(class_names) != cfg.model.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has {len(class_names)} "
+                         f"classes {class_names} (val: {len(val_class_names)})")
+    train_records, val_records = (validate_records(records, split=split, validate=cfg.data.validate,  # every rank
+                                                   skip_invalid=cfg.data.skip_invalid, report_dir=cfg.output_dir)
+                                  for records, split in ((train_records, "train"), (val_records, "val")))
+    train_set = build_dataset(cfg.data, train_records, train=True, report_dir=cfg.output_dir)
+    val_loader = eval_loader(build_dataset(cfg.data, val_records, train=False, report_dir=cfg.output_dir),
+                             cfg.eval.batch_size, cfg.data.num_workers, collate_fn=collate)
 
     # --- model, the loss of one step, the evaluation
     model = build_detector(cfg.model).to(device)

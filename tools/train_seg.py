@@ -48,18 +48,18 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read
     seed_everything(cfg.train.seed, rank)
 
-    # --- data: with data.validate every sample is decoded up front, so a bad file stops us now, not hours in
+    # --- data: samples checked up front as data.validate says, so a bad file stops us now, not hours in
     train_transform = build_seg_transforms(True, cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
                                            flip_prob=cfg.data.flip_prob)
-    with main_process_first():  # rank 0 writes the demo data and the validation cache, the others read them
+    with main_process_first():  # rank 0 writes the demo data, the others wait for it
         if is_main_process():
             prepare_synthetic(cfg.data)
-        train_set = build_dataset(cfg.data, "train", train_transform)
-        val_set = build_dataset(cfg.data, "val")
-        check_classes(cfg.model.num_classes, train_set, val_set)
-        if cfg.data.validate:
-            for dataset, split in ((train_set, "train"), (val_set, "val")):
-                dataset.validate(split=split, skip_invalid=cfg.data.skip_invalid, report_dir=cfg.output_dir)
+    train_set = build_dataset(cfg.data, "train", train_transform)
+    val_set = build_dataset(cfg.data, "val")
+    check_classes(cfg.model.num_classes, train_set, val_set)
+    for dataset, split in ((train_set, "train"), (val_set, "val")):  # on every rank: each checks its share
+        dataset.validate(split=split, validate=cfg.data.validate, skip_invalid=cfg.data.skip_invalid,
+                         report_dir=cfg.output_dir)
     val_loader = eval_loader(first(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)  # full-size images
 
     # --- model, the loss of one step, the evaluation
