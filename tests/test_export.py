@@ -34,32 +34,51 @@ def transform_output(image: np.ndarray, shortest: int, longest: int) -> np.ndarr
     return transform(image=image, bboxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64))["image"]
 
 
+class SizeRule(torch.nn.Module):
+    def __init__(self, shortest: int, longest: int) -> None:
+        super().__init__()
+        self.sides = shortest, longest
+
+    def forward(self, size: torch.Tensor) -> torch.Tensor:
+        return resized_size(size, *self.sides)
+
+
+def onnx_session(module: torch.nn.Module, example: tuple, path: Path, **export_args) -> onnxruntime.InferenceSession:
+    with pytest.warns():  # the tracer's notes on Python values, expected
+        torch.onnx.export(module, example, str(path), dynamo=False, **export_args)
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize("shortest, longest", [(64, 96), (320, 427), (800, 1333)])
-def test_resized_size_is_the_test_transforms_for_every_input_size(shortest, longest):
-    """The exported graph's size rule against the datasets' albumentations resize itself, on the odd sizes and
-    300 random ones: one rounding apart (torchvision's float32 scale and floor) would show here."""
+def test_resized_size_is_the_test_transforms_for_every_input_size(shortest, longest, tmp_path):
+    """The exported graph's size rule, in PyTorch and onnxruntime, against the datasets' albumentations resize
+    itself, on the odd sizes and 300 random ones: one rounding apart (torchvision's float32 scale and floor, or
+    a division the exporter moves to float32) would show here."""
+    session = onnx_session(SizeRule(shortest, longest), (torch.tensor([300, 400]),), tmp_path / "size.onnx",
+                           input_names=["size"])
     sizes = ODD_SIZES + [tuple(s) for s in np.random.default_rng(shortest).integers(1, 2000, (300, 2)).tolist()]
     for height, width in sizes:
         expected = transform_output(np.zeros((height, width, 1), np.uint8), shortest, longest).shape[:2]
-        got = resized_size(torch.tensor(height), torch.tensor(width), shortest, longest)
-        assert tuple(int(s) for s in got) == expected, (height, width)
+        assert tuple(resized_size(torch.tensor([height, width]), shortest, longest).tolist()) == expected
+        assert tuple(session.run(None, {"size": np.array([height, width])})[0].tolist()) == expected, (height, width)
 
 
-def test_onnx_resize_gives_the_predictors_size_and_pixels_within_a_grey_level(tmp_path):
-    """The in-graph resize alone, exported at one size and run by onnxruntime on others, against the
-    Predictor's OpenCV resize on uint8."""
-    with pytest.warns():  # the tracer's notes on Python values, expected
-        torch.onnx.export(InGraphTestResize(96, 128), (torch.rand(3, 300, 400),), str(tmp_path / "resize.onnx"),
-                          dynamo=False, input_names=["image"], dynamic_axes={"image": {1: "height", 2: "width"}})
-    session = onnxruntime.InferenceSession(str(tmp_path / "resize.onnx"), providers=["CPUExecutionProvider"])
+def test_exported_resize_is_the_predictors_bit_for_bit(tmp_path):
+    """The in-graph resize alone, exported at one size and run by onnxruntime and TorchScript on others (odd
+    sizes, 2x reductions, same size, upscaling), against the Predictor's OpenCV resize on uint8: the same bytes."""
+    resize = InGraphTestResize(96, 128)
+    session = onnx_session(resize, (torch.rand(3, 300, 400),), tmp_path / "resize.onnx", input_names=["image"],
+                           dynamic_axes={"image": {1: "height", 2: "width"}})
+    with pytest.warns():
+        traced = torch.jit.trace(resize, (torch.rand(3, 300, 400),))
     rng = np.random.default_rng(0)
-    for height, width in ODD_SIZES:
+    sizes = ODD_SIZES + [(192, 256), (96, 128), (40, 50)] + [tuple(s) for s in rng.integers(1, 900, (40, 2)).tolist()]
+    for height, width in sizes:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        expected = transform_output(image, 96, 128).transpose(2, 0, 1).astype(np.float64)
-        got = session.run(None, {"image": image_to_tensor(image).numpy()})[0] * 255
-        assert got.shape == expected.shape, (height, width)
-        assert np.abs(got - expected).max() <= 1.0 + 1e-4, (height, width)
-        assert np.abs(got - np.round(got)).max() < 1e-3  # on the uint8 grid, as the Predictor's pixels
+        expected = image_to_tensor(transform_output(image, 96, 128)).numpy()
+        tensor = image_to_tensor(image)
+        for got in (session.run(None, {"image": tensor.numpy()})[0], traced(tensor).numpy(), resize(tensor).numpy()):
+            assert got.shape == expected.shape and np.array_equal(got, expected), (height, width)
 
 
 def test_compare_detections_rule():

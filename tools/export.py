@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -150,7 +151,7 @@ def check_detector(predictor: Predictor, run: Callable, images: list[tuple[str, 
                    fmt: str) -> dict:
     """Every image's views through the Predictor and the exported model, compared by `compare_detections`."""
     checks = []
-    for name, image in images:
+    for name, image in tqdm(images, desc=f"check {fmt}", unit="img", dynamic_ncols=True):
         for view in views(image):
             expected = predictor(view)
             got = run(image_to_tensor(view))
