@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime
 import pytest
@@ -154,8 +155,23 @@ def raccoon_run(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("fmt, sizes", [("onnx", ("64", "96")), ("onnx", ("96", "128")), ("torchscript", ("80", "112"))])
 def test_export_equals_the_predictor_on_real_images(raccoon_run, tmp_path, fmt, sizes):
     """The run's 24 val photographs (each also at 3/4 size) at two test sizes: the export's detections are the
-    Predictor's by the tool's rule, on every image."""
+    Predictor's by the tool's rule, on every image, and to float rounding (the same resized pixels)."""
     report = run_export(raccoon_run, fmt, tmp_path / "model", "--check-count", "0",
                         f"data.min_size=[{sizes[0]}]", f"data.max_size={sizes[1]}")
     assert report["images"] == report["images_equal"] == 24, report["differing"]
     assert report["confident_detections"]["predictor"] >= 10  # detections to compare, or the check proves little
+    assert report["max_box_diff_px"] < 0.01
+
+
+def test_export_equals_the_predictor_on_odd_sizes(raccoon_run, tmp_path):
+    """A photograph squeezed to 650x417 and 417x650, cut to a 1 px row and column and a 2x3 patch: every size
+    that can reach the exported model gives the Predictor's detections."""
+    photo = read_image(sorted((RACCOON / "JPEGImages").glob("*.jpg"))[0])
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name, image in {"wide": cv2.resize(photo, (650, 417)), "tall": cv2.resize(photo, (417, 650)),
+                        "row": photo[:1], "column": photo[:, :1], "patch": photo[100:102, 100:103]}.items():
+        cv2.imwrite(str(folder / f"{name}.png"), image[..., ::-1])
+    report = run_export(raccoon_run, "onnx", tmp_path / "model.onnx", "--check-images", str(folder))
+    assert report["images"] == report["images_equal"] == 5, report["differing"]
+    assert {tuple(c["size"]) for c in report["checks"]} >= {(417, 650), (650, 417), (1, photo.shape[1]), (2, 3)}
