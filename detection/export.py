@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
@@ -28,7 +27,7 @@ from .predictor import DEFAULT_CONFIG, test_resize_sides
 CONFIDENT = 0.3
 """`compare_detections`: every detection scoring at least this on one side must be found on the other..."""
 PRESENT = 0.25
-"""...as a detection of the same label scoring at least this (a grey level of resize may move a score a little),"""
+"""...as a detection of the same label scoring at least this (float rounding may move a score a little),"""
 BOX_TOLERANCE_PX = 1.0
 """...whose corners are within this many pixels."""
 
@@ -70,7 +69,8 @@ def opencv_linear_resize(image: Tensor, size: Tensor) -> Tensor:
     pixel (((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16) + 2) >> 2, saturated to 0..255. An exact 2x
     reduction (OpenCV's area shortcut) and the same size (a copy) come out of the same arithmetic. Float64
     holds every intermediate exactly (< 2^31), and the shifts are floors of divisions by powers of two, so
-    ONNX and TorchScript run the same integers. Checked against the installed OpenCV (tests/test_export.py)."""
+    ONNX and TorchScript run the same integers. Checked against the installed OpenCV (5.0 here) by
+    tests/test_export.py, so an OpenCV whose arithmetic changes fails there."""
     source = torch._shape_as_tensor(image)[-2:]
     source_height, source_width = source[:1], source[1:]
     column, a0, a1 = _linear_taps(source_width, size[1:], clamp_weights=True)
