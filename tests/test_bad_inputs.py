@@ -388,6 +388,10 @@ BAD_INPUTS = [
     ("tool_export_whole_model_torch_export", cli(export.main, "--config", "{tmp}/c.yaml", "--checkpoint", "{tmp}/l.pth",
                                                   "--format", "torch_export", "--out", "{tmp}/m.pt2"), 2,
      r"--backbone-only goes with --format torch_export.*onnx or torchscript"),
+    ("tool_export_overrides_after_check_images", cli(export.main, "--config", str(CONFIGS["det"]), "--checkpoint",
+                                                      "{tmp}/l.pth", "--format", "onnx", "--out", "{tmp}/m.onnx",
+                                                      "--check-images", "{tmp}", "data.min_size=[256]"), 2,
+     r"--check-images data\.min_size=\[256\]: no such file or folder \(key=value overrides go before"),
     ("tool_transfer_no_seeds", cli(transfer.main, "seeds=[]"), 2, r"'seeds' = \[\]"),
 ]
 

@@ -6,7 +6,7 @@
         --out RUN/backbone.pt2
     # another test size, checked on every image of a folder:
     python tools/export.py --config RUN/config.yaml --checkpoint RUN/last.pth --format onnx --out RUN/model_256.onnx \\
-        --check-images ../shared/data/raccoon/JPEGImages data.min_size=[256] data.max_size=384
+        data.min_size=[256] data.max_size=384 --check-images ../shared/data/raccoon/JPEGImages
 
 Whole model (onnx, torchscript): input "image" float32 RGB [3, H, W] in 0..1, any H, W, taken at 8 bits
 (round(x * 255)); the run's test resize (the Predictor's, bit for bit: its output size for every input size,
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from detection.build import load_split  # noqa: E402
 from detection.export import (NormalizedBackbone, build_exportable_detector, compare_detections,  # noqa: E402
                               export_backbone, export_onnx, export_torchscript)
-from detection.predictor import DEFAULT_CONFIG, Predictor  # noqa: E402
+from detection.predictor import DEFAULT_CONFIG, Predictor, test_resize_sides  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.images import DatasetError, image_to_tensor, read_image  # noqa: E402
 
@@ -116,6 +116,10 @@ def check_images(paths: list[Path] | None, cfg: DictConfig, count: int) -> list[
         records = load_split(cfg.data, "val")[0]
         files = [Path(r.path) for r in (records[:count] if count else records)]
     else:
+        for path in paths:
+            if not path.exists():
+                hint = " (key=value overrides go before --check-images, which takes every argument after it)"
+                raise FileNotFoundError(f"--check-images {path}: no such file or folder{hint if '=' in str(path) else ''}")
         files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p])
                  if f.suffix.lower() in IMAGE_SUFFIXES]
     return [(str(f), read_image(f)) for f in files]
@@ -161,13 +165,15 @@ def check_detector(predictor: Predictor, run: Callable, images: list[tuple[str, 
             checks.append({"image": name, "size": list(view.shape[:2]), **result})
     differing = sorted({c["image"] for c in checks if not c["passed"]}, key=[name for name, _ in images].index)
     distances = [c["max_box_diff_px"] for c in checks if c["max_box_diff_px"] is not None]
-    report = {"out": str(out), "format": fmt, "passed": not differing, "images": len(images),
+    test_size = list(test_resize_sides(predictor.cfg.data))
+    report = {"out": str(out), "format": fmt, "test_size": test_size, "passed": not differing, "images": len(images),
               "images_equal": len(images) - len(differing), "views": len(checks), "differing": differing,
               "confident_detections": {"predictor": sum(c["confident"][0] for c in checks),
                                        "exported": sum(c["confident"][1] for c in checks)},
               "max_box_diff_px": max(distances, default=None), "checks": checks}
-    print(f"{fmt} export {'matches' if report['passed'] else 'DOES NOT MATCH'} the Predictor on "
-          f"{report['images_equal']} of {len(images)} images ({len(checks)} views; confident detections: "
+    print(f"{fmt} export {'matches' if report['passed'] else 'DOES NOT MATCH'} the Predictor at test size "
+          f"{test_size[0]}/{test_size[1]} on {report['images_equal']} of {len(images)} images ({len(checks)} views; "
+          f"confident detections: "
           f"{report['confident_detections']['predictor']} Predictor, {report['confident_detections']['exported']} "
           f"{fmt}; largest matched corner distance {report['max_box_diff_px'] or 0:.3g} px): {out}")
     if differing:
