@@ -68,6 +68,9 @@ class NormalizeOnlyTransform(GeneralizedRCNNTransform):
         self.preprocessing = preprocessing
 
     def normalize(self, image: Tensor) -> Tensor:
+        if not image.is_floating_point():  # torchvision's own check: a uint8 image would normalise to inf / NaN
+            raise TypeError(f"Expected input images to be of floating type (in range [0, 1]), but found type "
+                            f"{image.dtype} instead")
         return self.preprocessing.normalize(image[None])[0]
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict | None]:

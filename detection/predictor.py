@@ -73,6 +73,13 @@ def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
     return names, list(range(1, len(names) + 1))
 
 
+def test_resize_sides(data: DictConfig) -> tuple[int, int]:
+    """(shortest, longest) of the run's test resize: the largest `data.min_size`, capped by `data.max_size`
+    (the Predictor's and test_det.py's transform, and the exported models' in-graph resize)."""
+    sizes = [data.min_size] if isinstance(data.min_size, int) else list(data.min_size)
+    return max(sizes), data.max_size
+
+
 class Predictor:
     """A trained Faster R-CNN run applied to any image.
 
@@ -104,8 +111,7 @@ class Predictor:
         elif fast:
             optimize_for_inference(model, compile=compile)
         self.model = model.to(self.device)
-        sizes = [self.cfg.data.min_size] if isinstance(self.cfg.data.min_size, int) else list(self.cfg.data.min_size)
-        self.transform = build_det_transforms(False, max(sizes), self.cfg.data.max_size)
+        self.transform = build_det_transforms(False, *test_resize_sides(self.cfg.data))
 
     @property
     def score_thresh(self) -> float:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 ImageInput = str | Path | np.ndarray | Image.Image
-"""What the predictors take: a file, an HxWx3 uint8 RGB (or HxW grey) array, or a PIL image."""
+"""What the predictors take: a file, an HxWx3 uint8 RGB (or HxW grey; uint16: 16-bit) array, or a PIL image."""
 
 EXIF_HINT = ("an EXIF orientation tag is the likely cause: ResDet reads pixels as stored and ignores the tag, as the "
              "COCO/VOC tools do; re-save the image with the rotation applied and the tag removed "
@@ -150,16 +150,31 @@ def inside(folder: str | Path, name: str, where: str) -> Path:
 def as_rgb_array(image: ImageInput) -> np.ndarray:
     """HxWx3 uint8 RGB from any predictor input, pixels as the datasets see them: files through `read_image`,
     PIL images as stored (the EXIF orientation ignored, the module's policy), arrays taken as they are (grey
-    expanded to 3 channels)."""
+    expanded to 3 channels). 16-bit pixels (uint16 arrays, PIL modes I;16*) keep their high byte, as OpenCV
+    decodes a 16-bit PNG for the datasets; 32-bit and float pixels (PIL modes I and F), which the datasets cannot
+    read either, and other dtypes are a TypeError; an empty image or another shape a ValueError."""
     if isinstance(image, (str, Path)):
         return read_image(image)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
+        if image.mode in ("I", "F"):
+            raise TypeError(f"PIL image of mode {image.mode!r} (32-bit {'float' if image.mode == 'F' else 'integer'} "
+                            "pixels): the range of its values is unknown, so it is not guessed; give 8-bit RGB or grey "
+                            "(or 16-bit, mode I;16)")
+        array = np.asarray(image) if image.mode.startswith("I;16") else np.asarray(image.convert("RGB"))
+    else:
+        array = np.asarray(image)
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order (PIL's I;16B is big-endian)
+        array = (array.astype(np.uint16) >> 8).astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise TypeError(f"image of dtype {array.dtype}: expected uint8 RGB (or uint16, reduced to its high byte as the "
+                        "datasets read 16-bit PNGs); convert it first, e.g. (x * 255).round().astype(np.uint8) "
+                        "for floats in 0..1")
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {array.dtype} {array.shape}")
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 RGB or HxW grey image, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"the image is empty ({array.shape[1]}x{array.shape[0]} pixels, WxH)")
     return array
 
 

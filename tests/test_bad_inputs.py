@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import backbone_info  # noqa: E402
+import export  # noqa: E402
 import test_det  # noqa: E402
 import train_cls  # noqa: E402
 import train_det  # noqa: E402
@@ -37,11 +38,12 @@ import visualize_det  # noqa: E402
 from backbones import build_backbone, fold_batchnorm  # noqa: E402
 from backbones.resnet import ResNet  # noqa: E402
 from classification.datasets import build_cls_dataset, validate_dataset  # noqa: E402
+from detection import Predictor  # noqa: E402
 from detection.datasets import (DatasetError, DetectionDataset, load_coco_records, load_voc_records,  # noqa: E402
                                 validate_records)
-from detection.models import load_detector_weights  # noqa: E402
+from detection.models import build_detector, load_detector_weights  # noqa: E402
 from engine.checkpoint import CheckpointError, CheckpointSaveError, load_checkpoint, save_checkpoint  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import ConfigError, load_config, save_config  # noqa: E402
 from engine.images import read_image  # noqa: E402
 from engine.run_lock import EXIT_IN_USE, LOCK_FILE  # noqa: E402
 from engine.trained import load_trained_weights  # noqa: E402
@@ -283,6 +285,25 @@ def user_folder(tmp: Path) -> None:
     (tmp / "data" / "VOC" / "JPEGImages" / "mine.jpg").write_bytes(jpeg_bytes())
 
 
+def untrained_predictor(tmp: Path) -> Predictor:
+    """The default detector, untrained, saved as a run in tmp/predictor (inputs are refused before the model runs)."""
+    run = tmp / "predictor"
+    run.mkdir()
+    cfg = load_config(CONFIGS["det"], None, ["data.synthetic.enabled=true"])
+    save_config(cfg, run / "config.yaml")
+    torch.save({"model": build_detector(cfg.model).state_dict()}, run / "last.pth")
+    return Predictor(run / "config.yaml", run / "last.pth")
+
+
+def predict(image: Callable[[], object]) -> Callable[[Path], Callable[[], object]]:
+    """The Predictor called on `image()`."""
+    return lambda tmp: (lambda predictor: lambda: predictor(image()))(untrained_predictor(tmp))
+
+
+def pil_image(mode: str, dtype: type) -> Image.Image:
+    return Image.fromarray(np.arange(24 * 32, dtype=dtype).reshape(24, 32)).convert(mode)
+
+
 BAD_INPUTS = [
     # --- the training tools: refused before the first iteration, the data folder untouched, no run folder
     ("train_det_demo_into_user_folder", trainer(train_det.main, "data.synthetic.enabled=true",
@@ -454,6 +475,18 @@ BAD_INPUTS = [
     ("bb_fold_preact", call(lambda: fold_batchnorm(build_backbone("preact_resnet18").eval())), ValueError,
      r"pre-activation block.*cannot be folded"),
     ("bb_num_classes_zero", call(lambda: build_backbone("resnet18", num_classes=0)), ValueError, r"num_classes=0"),
+    # --- the Predictor's inputs (16-bit images are read, not refused: tests/test_predict.py)
+    ("predict_pil_32bit_int", predict(lambda: pil_image("I", np.int32)), TypeError, r"mode 'I' \(32-bit integer"),
+    ("predict_pil_float", predict(lambda: pil_image("F", np.float32)), TypeError, r"mode 'F' \(32-bit float"),
+    ("predict_float_array", predict(lambda: np.random.default_rng(0).random((24, 32, 3))), TypeError,
+     r"dtype float64: expected uint8"),
+    ("predict_bool_array", predict(lambda: np.ones((24, 32), bool)), TypeError, r"dtype bool"),
+    ("predict_empty_0x0", predict(lambda: np.zeros((0, 0, 3), np.uint8)), ValueError, r"image is empty \(0x0 pixels"),
+    ("predict_empty_0xN", predict(lambda: np.zeros((0, 7), np.uint8)), ValueError, r"image is empty \(7x0 pixels"),
+    ("predict_empty_pil", predict(lambda: Image.new("RGB", (5, 0))), ValueError, r"image is empty \(5x0 pixels"),
+    ("predict_rgba_array", predict(lambda: np.zeros((24, 32, 4), np.uint8)), ValueError, r"shape \(24, 32, 4\)"),
+    ("model_uint8_tensor", lambda tmp: (lambda model: lambda: model([torch.zeros(3, 24, 32, dtype=torch.uint8)]))(
+        untrained_predictor(tmp).model), TypeError, r"floating type.*torch\.uint8"),
     # --- tools' own arguments
     ("tool_backbone_info_size_0", cli(backbone_info.main, "resnet18", "--size", "0"), 2, r"--size.*positive"),
     ("tool_backbone_info_size_neg", cli(backbone_info.main, "resnet18", "--size", "-4"), 2, r"--size.*-4"),
@@ -470,6 +503,16 @@ BAD_INPUTS = [
      r"--int8 is its own fast form: it does not combine with --no-fast or --compile"),
     ("tool_test_det_int8_no_images", cli(test_det.main, "--checkpoint", "{tmp}/none.pth", "--int8",
                                          "--calibration-images", "0"), 2, r"--calibration-images must be >= 1, got 0"),
+    ("tool_export_check_count_negative", cli(export.main, "--config", "{tmp}/c.yaml", "--checkpoint", "{tmp}/l.pth",
+                                              "--format", "onnx", "--out", "{tmp}/m.onnx", "--check-count", "-1"), 2,
+     r"--check-count must be >= 0, got -1"),
+    ("tool_export_whole_model_torch_export", cli(export.main, "--config", "{tmp}/c.yaml", "--checkpoint", "{tmp}/l.pth",
+                                                  "--format", "torch_export", "--out", "{tmp}/m.pt2"), 2,
+     r"--backbone-only goes with --format torch_export.*onnx or torchscript"),
+    ("tool_export_overrides_after_check_images", cli(export.main, "--config", str(CONFIGS["det"]), "--checkpoint",
+                                                      "{tmp}/l.pth", "--format", "onnx", "--out", "{tmp}/m.onnx",
+                                                      "--check-images", "{tmp}", "data.min_size=[256]"), 2,
+     r"--check-images data\.min_size=\[256\]: no such file or folder \(key=value overrides go before"),
     ("tool_transfer_no_seeds", cli(transfer.main, "seeds=[]"), 2, r"'seeds' = \[\]"),
     ("tool_transfer_detection_typo", cli(transfer.main, "det.overrides=[train.lrr=0.1]"), 2,
      r"resnet18 detection \(pretrained\) stage: Unknown config key 'train\.lrr'.*'train\.lr'"),

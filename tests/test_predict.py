@@ -213,3 +213,22 @@ def test_cli_on_a_segmentation_run_writes_rle_masks_and_overlays(seg_run, tmp_pa
     masks = sorted((out / "masks").glob("*.png"))
     assert len(masks) == 2 and Image.open(masks[0]).size == Image.open(images[0]).size
     assert len(list((out / "rendered").glob("*.jpg"))) == 2
+
+
+def test_16_bit_inputs_are_read_as_the_datasets_read_a_16_bit_png(tiny_det_run, tmp_path):
+    """A 16-bit picture (the 8-bit one in its high byte, noise in its low byte) as a PNG file (decoded by OpenCV as
+    the datasets decode it), a PIL image of mode I;16 or I;16B, or a uint16 array: the 8-bit picture's detections,
+    not a white image's."""
+    predictor = Predictor(tiny_det_run / "config.yaml", tiny_det_run / "last.pth")
+    grey = cv2.cvtColor(read_image(val_images(tiny_det_run)[0]), cv2.COLOR_RGB2GRAY)
+    wide = grey.astype(np.uint16) * 256 + np.random.default_rng(0).integers(0, 256, grey.shape, dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "16bit.png"), wide)
+    assert cv2.imread(str(tmp_path / "16bit.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    big_endian = Image.frombytes("I;16B", wide.shape[::-1], wide.astype(">u2").tobytes())
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16"  # which PIL.Image.convert("RGB") turned all white
+    expected = predictor(grey)
+    assert len(expected) > 0
+    for image in (tmp_path / "16bit.png", Image.open(tmp_path / "16bit.png"), big_endian, wide,
+                  np.repeat(wide[..., None], 3, axis=2)):
+        np.testing.assert_array_equal(as_rgb_array(image), np.repeat(grey[..., None], 3, axis=2))
+        np.testing.assert_array_equal(predictor(image).boxes, expected.boxes)

@@ -4,45 +4,57 @@
     python tools/export.py --config RUN/config.yaml --checkpoint RUN/last.pth --format torchscript --out RUN/model.ts
     python tools/export.py --config RUN/config.yaml --checkpoint RUN/last.pth --format torch_export --backbone-only \\
         --out RUN/backbone.pt2
+    # another test size, checked on every image of a folder:
+    python tools/export.py --config RUN/config.yaml --checkpoint RUN/last.pth --format onnx --out RUN/model_256.onnx \\
+        data.min_size=[256] data.max_size=384 --check-images ../shared/data/raccoon/JPEGImages
 
-Whole model (onnx, torchscript): input "image" float32 RGB [3, H, W] in 0..1, any H, W; the run's test resize,
-normalisation and NMS happen inside; outputs "boxes" [N, 4] (x0, y0, x1, y1 in the input's pixels), "scores" [N],
-"labels" [N] (1..K, the order of the data's categories). BatchNorms are folded into the convolutions.
+Whole model (onnx, torchscript): input "image" float32 RGB [3, H, W] in 0..1, any H, W, taken at 8 bits
+(round(x * 255)); the run's test resize (the Predictor's, bit for bit: its output size for every input size,
+OpenCV's fixed-point bilinear), normalisation and NMS happen inside; outputs
+"boxes" [N, 4] (x0, y0, x1, y1 in the input's pixels), "scores" [N], "labels" [N] (1..K, the order of the data's
+categories). BatchNorms are folded into the convolutions. Single-scale: a config's eval.scales / eval.flip
+(test-time augmentation) are not in the export (the tool says so). key=value overrides apply to the run's config.
 Backbone only (torch_export): input RGB [N, 3, H, W] in 0..1, H and W multiples of 32 and >= 64; output
-{stage: features};
-load with torch.export.load(FILE).module().
+{stage: features}; load with torch.export.load(FILE).module().
 
-Then the exported file runs on real images (--check-images, default: the first 4 of the run's val images), each at
-its size and at 3/4 of it, against the PyTorch model: onnxruntime / the TorchScript module must give the same
-labels and boxes within 1 px (the backbone: features within 1e-4). Otherwise the tool fails (exit status 1).
+Then the exported file runs on real images against detection.Predictor, the path predict.py and test_det.py take
+(single-scale): --check-images (files or folders), or the first --check-count of the run's val split (default 4;
+0: all of it), each at its size and at 3/4 of it (an OpenCV uint8 resize: both sides get the same pixels; the
+export gets them as float32 / 255). An image passes when every detection scoring >= 0.3 on either side has one of
+the same label scoring >= 0.25 within 1 px on the other (room for float rounding in
+the network; with the same resized pixels the boxes agree to ~1e-3 px). Any image that does not pass fails the
+tool (exit status 1) with the images named. The backbone: features within 1e-4 of PyTorch's.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.predictor import DEFAULT_CONFIG  # noqa: E402
+from detection.build import load_split  # noqa: E402
 from detection.export import (NormalizedBackbone, build_exportable_detector, compare_detections,  # noqa: E402
                               export_backbone, export_onnx, export_torchscript)
-from engine.images import read_image  # noqa: E402
-from engine.trained import load_run_config  # noqa: E402
+from detection.predictor import DEFAULT_CONFIG, Predictor, test_resize_sides  # noqa: E402
+from engine.config import config_or_exit  # noqa: E402
+from engine.images import DatasetError, image_to_tensor, read_image  # noqa: E402
 
 FORMATS = ("onnx", "torchscript", "torch_export")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
 class ExportCheckFailed(RuntimeError):
-    """The exported model does not reproduce the PyTorch model."""
+    """The exported model does not reproduce the Predictor (or the backbone PyTorch's features)."""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,25 +64,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--out", type=Path, required=True, help="the file to write")
     parser.add_argument("--backbone-only", action="store_true", help="export the backbone (needs --format torch_export)")
-    parser.add_argument("--check-images", nargs="+", type=Path, help="images to check the export on "
-                                                                      "(default: the first 4 of the run's val images)")
+    parser.add_argument("--check-images", nargs="+", type=Path, help="image files or folders to check the export on "
+                                                                      "(default: the run's val split, see --check-count)")
+    parser.add_argument("--check-count", type=int, default=4, metavar="N",
+                        help="without --check-images: check the first N images of the run's val split (0: all)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 11)")
     parser.add_argument("--score-thresh", type=float, help="bake a different score threshold into the export")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the run's config, e.g. "
+                                                                           "data.min_size=[256] data.max_size=384")
     args = parser.parse_args(argv)
     if (args.format == "torch_export") != args.backbone_only:
         parser.error("--backbone-only goes with --format torch_export (and only with it): torch.export cannot follow "
                      "the detector's data-dependent proposal filtering and NMS; use onnx or torchscript for the whole model")
     if args.out.exists() and not args.overwrite:
         parser.error(f"{args.out} exists: pass --overwrite or another --out")
+    if args.check_count < 0:
+        parser.error(f"--check-count must be >= 0, got {args.check_count}")
+    cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
+    try:
+        images = check_images(args.check_images, cfg, args.check_count)
+    except (DatasetError, FileNotFoundError) as error:
+        parser.error(f"cannot read the check images: {error}")
+    if not images:
+        parser.error("no images to check the export on: pass --check-images")
 
-    cfg = load_run_config(args.config, DEFAULT_CONFIG)
     module = build_exportable_detector(cfg, args.checkpoint)
     if args.score_thresh is not None:
         module.model.roi_heads.score_thresh = args.score_thresh
-    images = check_images(args.check_images, cfg.data)
-    if not images:
-        parser.error("no images to check the export on: pass --check-images")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing warnings about Python-side constants that torchvision expects
@@ -84,25 +105,46 @@ def main(argv: list[str] | None = None) -> dict:
             backbone = NormalizedBackbone(module.model).eval()
             export_backbone(backbone, args.out)
             return check_backbone(backbone, torch.export.load(str(args.out)).module(), images, args.out)
-    return check_detector(module, run, images, args.out, args.format)
+    return check_detector(single_scale_predictor(cfg, args.checkpoint, args.score_thresh), run, images, args.out,
+                          args.format)
 
 
-def check_images(paths: list[Path] | None, data: Mapping[str, Any]) -> list[torch.Tensor]:
-    """Float RGB [3, H, W] tensors of the given files / folders' images, or of the run's first 4 val images."""
+def check_images(paths: list[Path] | None, cfg: DictConfig, count: int) -> list[tuple[str, np.ndarray]]:
+    """(name, HxWx3 uint8 RGB) of the given files / folders' images, or of the first `count` (0: all) images of
+    the run's val split, decoded as the datasets decode."""
     if paths is None:
-        folder = Path(data.val.images if data.format == "coco" else Path(data.root) / "JPEGImages")
-        paths = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:4] if folder.is_dir() else []
-    files = [f for p in paths for f in (sorted(p.glob("*")) if p.is_dir() else [p]) if f.suffix.lower() in IMAGE_SUFFIXES]
-    return [torch.from_numpy(read_image(f)).permute(2, 0, 1).float().div(255) for f in files]
+        records = load_split(cfg.data, "val")[0]
+        files = [Path(r.path) for r in (records[:count] if count else records)]
+    else:
+        for path in paths:
+            if not path.exists():
+                hint = " (key=value overrides go before --check-images, which takes every argument after it)"
+                raise FileNotFoundError(f"--check-images {path}: no such file or folder{hint if '=' in str(path) else ''}")
+        files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p])
+                 if f.suffix.lower() in IMAGE_SUFFIXES]
+    return [(str(f), read_image(f)) for f in files]
 
 
-def views(image: torch.Tensor) -> list[torch.Tensor]:
-    """The image and a 3/4-size copy: a second H, W exercises the dynamic shapes."""
-    small = F.interpolate(image[None], scale_factor=0.75, mode="bilinear", align_corners=False)[0]
-    return [image, small.contiguous()]
+def single_scale_predictor(cfg: DictConfig, checkpoint: Path, score_thresh: float | None) -> Predictor:
+    """The Predictor of the run with test-time augmentation off: the export is single-scale."""
+    if list(cfg.eval.scales) != [1.0] or cfg.eval.flip:
+        print(f"note: the export is single-scale; the run's test-time augmentation (eval.scales="
+              f"{list(cfg.eval.scales)}, eval.flip={cfg.eval.flip}) is not in it, and it is checked against the "
+              "single-scale Predictor", file=sys.stderr)
+    cfg = cfg.copy()
+    OmegaConf.update(cfg, "eval.scales", [1.0])
+    OmegaConf.update(cfg, "eval.flip", False)
+    return Predictor(cfg, checkpoint, score_thresh=score_thresh)
 
 
-def onnx_runner(path: Path):
+def views(image: np.ndarray) -> list[np.ndarray]:
+    """The image and a 3/4-size uint8 copy: a second H, W exercises the dynamic shapes."""
+    height, width = image.shape[:2]
+    small = (max(1, round(width * 0.75)), max(1, round(height * 0.75)))
+    return [image, cv2.resize(image, small, interpolation=cv2.INTER_AREA)]
+
+
+def onnx_runner(path: Path) -> Callable:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -110,48 +152,58 @@ def onnx_runner(path: Path):
 
 
 @torch.no_grad()
-def check_detector(module, run, images: list[torch.Tensor], out: Path, fmt: str) -> dict:
-    results = []
-    for image in images:
+def check_detector(predictor: Predictor, run: Callable, images: list[tuple[str, np.ndarray]], out: Path,
+                   fmt: str) -> dict:
+    """Every image's views through the Predictor and the exported model, compared by `compare_detections`."""
+    checks = []
+    for name, image in tqdm(images, desc=f"check {fmt}", unit="img", dynamic_ncols=True):
         for view in views(image):
-            result = compare_detections(module(view), run(view))
-            results.append({"size": list(view.shape[1:]), **result})
-    report = summarize(results, fmt, out)
-    if not report["passed"]:
-        raise ExportCheckFailed(f"{out}: the {fmt} export does not reproduce the PyTorch model:\n"
-                                + json.dumps([r for r in results if not r["passed"]], indent=1))
+            expected = predictor(view)
+            got = run(image_to_tensor(view))
+            result = compare_detections((expected.boxes, expected.scores, expected.labels), got,
+                                        predictor.score_thresh)
+            checks.append({"image": name, "size": list(view.shape[:2]), **result})
+    differing = sorted({c["image"] for c in checks if not c["passed"]}, key=[name for name, _ in images].index)
+    distances = [c["max_box_diff_px"] for c in checks if c["max_box_diff_px"] is not None]
+    test_size = list(test_resize_sides(predictor.cfg.data))
+    report = {"out": str(out), "format": fmt, "test_size": test_size, "passed": not differing, "images": len(images),
+              "images_equal": len(images) - len(differing), "views": len(checks), "differing": differing,
+              "confident_detections": {"predictor": sum(c["confident"][0] for c in checks),
+                                       "exported": sum(c["confident"][1] for c in checks)},
+              "max_box_diff_px": max(distances, default=None), "checks": checks}
+    print(f"{fmt} export {'matches' if report['passed'] else 'DOES NOT MATCH'} the Predictor at test size "
+          f"{test_size[0]}/{test_size[1]} on {report['images_equal']} of {len(images)} images ({len(checks)} views; "
+          f"confident detections: "
+          f"{report['confident_detections']['predictor']} Predictor, {report['confident_detections']['exported']} "
+          f"{fmt}; largest matched corner distance {report['max_box_diff_px'] or 0:.3g} px): {out}")
+    if differing:
+        lines = [f"{c['image']} at {c['size'][0]}x{c['size'][1]} (HxW): unmatched {len(c['unmatched'][0])} of "
+                 f"{c['confident'][0]} confident Predictor detections, {len(c['unmatched'][1])} of {c['confident'][1]} "
+                 f"exported; first: {(c['unmatched'][0] or c['unmatched'][1])[0]}" for c in checks if not c["passed"]]
+        raise ExportCheckFailed(f"{out}: the {fmt} export does not reproduce the Predictor on {len(differing)} of "
+                                f"{len(images)} images: {', '.join(differing)}\n" + "\n".join(lines))
     return report
 
 
 @torch.no_grad()
-def check_backbone(backbone: NormalizedBackbone, exported, images: list[torch.Tensor], out: Path) -> dict:
+def check_backbone(backbone: NormalizedBackbone, exported, images: list[tuple[str, np.ndarray]], out: Path) -> dict:
     results = []
-    for image in images:
+    for name, image in images:
         for view in views(image):
-            h, w = (max(64, s // 32 * 32) for s in view.shape[1:])  # the exported program takes multiples of 32, >= 64
-            batch = F.interpolate(view[None], size=(h, w), mode="bilinear", align_corners=False)
+            h, w = (max(64, s // 32 * 32) for s in view.shape[:2])  # the exported program takes multiples of 32, >= 64
+            batch = F.interpolate(image_to_tensor(view)[None], size=(h, w), mode="bilinear", align_corners=False)
             reference, got = backbone(batch), exported(batch)
             diff = max(float((reference[k] - got[k]).abs().max() / reference[k].abs().max().clamp_min(1e-12))
                        for k in reference)
-            results.append({"size": [h, w], "max_relative_diff": diff, "passed": diff <= 1e-4})
-    report = summarize(results, "torch_export (backbone)", out)
-    if not report["passed"]:
-        raise ExportCheckFailed(f"{out}: the exported backbone does not reproduce PyTorch's features: {results}")
-    return report
-
-
-def summarize(results: list[dict], fmt: str, out: Path) -> dict:
+            results.append({"image": name, "size": [h, w], "max_relative_diff": diff, "passed": diff <= 1e-4})
     passed = all(r["passed"] for r in results)
-    report = {"out": str(out), "format": fmt, "passed": passed, "checks": results}
-    for key in ("max_box_diff_px", "max_score_diff", "max_relative_diff"):
-        values = [r[key] for r in results if r.get(key) is not None]
-        if values:
-            report[key] = max(values)
-    worst = ", ".join(f"{k} {report[k]:.3g}" for k in ("max_box_diff_px", "max_score_diff", "max_relative_diff")
-                      if k in report)
-    print(f"{fmt} export {'matches' if passed else 'DOES NOT MATCH'} PyTorch on {len(results)} image views ({worst}): "
-          f"{out}")
-    return report
+    worst = max(r["max_relative_diff"] for r in results)
+    print(f"torch_export backbone {'matches' if passed else 'DOES NOT MATCH'} PyTorch on {len(results)} image views "
+          f"(max relative difference {worst:.3g}): {out}")
+    if not passed:
+        raise ExportCheckFailed(f"{out}: the exported backbone does not reproduce PyTorch's features: {results}")
+    return {"out": str(out), "format": "torch_export (backbone)", "passed": passed, "max_relative_diff": worst,
+            "checks": results}
 
 
 if __name__ == "__main__":
