@@ -104,7 +104,7 @@ SAFE_RESUME_CHANGES = ("train.epochs", "train.iters", "train.log_every", "train.
                        "data.num_workers", "data.val_limit", "output_dir")
 WORK_FILES = (LAST_CHECKPOINT, "history.jsonl", "metrics.json")  # a folder holding one of these holds a run
 RUN_FILES = (*WORK_FILES, "config.yaml", "resumes.jsonl", "eval_metrics.json", "invalid_train.txt",
-             "invalid_val.txt", "tb")  # what --overwrite deletes
+             "invalid_val.txt", "tb", "report", "eval_metrics_report")  # what --overwrite deletes
 
 
 def start_run(output_dir: str | Path, config: Mapping | DictConfig, *, resume: bool = False,
