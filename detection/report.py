@@ -26,9 +26,12 @@ from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes
 
 from engine.images import read_image
+from engine.random_state import sample_seed
 from engine.report import (GalleryItem, Section, Table, figure_html, history_section, percent, prepare_report_dir,
                            provenance, save_gallery_image, write_page)
+from engine.sampling import SeededDataset
 
+from .build import build_dataset, load_split
 from .datasets import ImageRecord
 from .error_analysis import ERROR_TYPES, SPECIAL_TYPES, ErrorBreakdown, analyze_errors
 from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco
@@ -38,6 +41,7 @@ SCORE_THRESH = 0.5  # detections drawn and counted in the confusion matrix and t
 COLOURS = {"true positive": "#1a9e3a", "false positive": "#d62728", "missed": "#ff9f1c", "ground truth": "#1f77b4"}
 COCO_AREAS = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, math.inf))
 MAX_CURVE_POINTS = 400  # VOC's rank-by-rank curves are thinned to this many points per class for the page
+MIN_DRAWN_SIDE = 480  # smaller images are drawn enlarged (whole pixels repeated), so labels stay readable
 
 
 def write_detection_report(out_dir: str | Path, *, cfg: DictConfig, metrics: dict[str, Any],
@@ -161,7 +165,7 @@ def _sizes(metrics: dict, coco_gt: dict) -> Section:
         rows = [[name, (str(counts[name]), counts[name]), "n/a", "n/a"] for name, _, _ in COCO_AREAS]
     else:
         text = ["COCO's breakdown by object area (small < 32², medium < 96², large >= 96² pixels), in percent, as in "
-                "metrics.json; -100 would mark a size without objects (COCO's -1)."]
+                "metrics.json; n/a: no objects of that size (COCO's -1)."]
         rows = [[name, (str(counts[name]), counts[name]), percent(metrics[f"AP{name[0]}"]),
                  percent(metrics[f"AR{name[0]}"])] for name, _, _ in COCO_AREAS]
     return Section("sizes", "Object sizes", text=text, tables=[Table("size-table", ("size", "objects", "AP", "AR"),
@@ -279,14 +283,18 @@ def _font() -> str:
 
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str], colours: Sequence[str]) -> np.ndarray:
-    """RGB uint8 [H, W, 3] with labelled xyxy boxes, line width and font scaled to the image."""
+    """RGB uint8 [H, W, 3] with labelled xyxy boxes, line width and font scaled to the image; an image smaller
+    than MIN_DRAWN_SIDE is enlarged by a whole factor first (each pixel a block, nothing smoothed)."""
+    scale = max(1, math.ceil(MIN_DRAWN_SIDE / max(image.shape[:2])))
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if len(boxes):
         side = max(image.shape[:2])
-        tensor = draw_bounding_boxes(tensor, torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4),
-                                     labels=list(labels), colors=list(colours), width=max(2, side // 250),
-                                     font=_font(), font_size=max(11, side // 45), fill_labels=True,
-                                     label_colors="white")
+        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) * scale
+        tensor = draw_bounding_boxes(tensor, boxes, labels=list(labels), colors=list(colours),
+                                     width=max(2, side // 250), font=_font(), font_size=max(11, side // 45),
+                                     fill_labels=True, label_colors="white")
     return tensor.permute(1, 2, 0).numpy()
 
 
@@ -332,3 +340,60 @@ def _gallery(out_dir: Path, flagged, records: Sequence[ImageRecord], size: int) 
             "object); the count is false positives + missed objects. Click a thumbnail for the full-size drawing."
             + ("" if items else " No image has an error at this threshold.")]
     return Section("gallery", "Images with the most errors", text=text, gallery=items, legend=legend)
+
+
+def write_detection_browse(out_dir: str | Path, *, cfg: DictConfig, split: str, num: int,
+                           config_path: str | Path | None = None) -> Path:
+    """The first `num` images of `split` as the model sees them: after the run's transforms (training: resize
+    to one of data.min_size and flip, each image drawn with the augmentation epoch 0 of a run with train.seed
+    gives it; val: the test resize), with their boxes and class names; plus the split's class counts and the
+    drawn boxes' sizes, to catch a wrong class list, swapped coordinates or a broken augmentation early."""
+    out_dir = prepare_report_dir(out_dir)
+    records, class_names, _ = load_split(cfg.data, split)
+    dataset = SeededDataset(build_dataset(cfg.data, records, train=split == "train"))
+    items, drawn_counts, sides = [], Counter(), []
+    for index in range(min(num, len(records))):
+        image, target = dataset[(index, sample_seed(cfg.train.seed, 0, index))]
+        record = records[index]
+        pixels = image.mul(255).round().byte().permute(1, 2, 0).numpy()
+        names = [class_names[int(label) - 1] for label in target["labels"]]
+        drawn_counts.update(names)
+        boxes = target["boxes"].numpy()
+        sides += np.sqrt(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)).tolist()
+        drawn = draw_boxes(pixels, boxes, names, [COLOURS["ground truth"]] * len(names))
+        full, thumb = save_gallery_image(out_dir, f"{index}", drawn)
+        kept = int((~record.ignore).sum())
+        lines = [f"{record.width}x{record.height} -> {pixels.shape[1]}x{pixels.shape[0]} px, objects: {len(names)}"
+                 + (f" ({kept - len(names)} dropped by the transform)" if kept != len(names) else "")]
+        if record.ignore.any():
+            lines.append(f"{int(record.ignore.sum())} crowd / difficult (not drawn: not training targets)")
+        items.append(GalleryItem(full, thumb, Path(record.path).name, lines))
+
+    in_split = Counter(class_names[int(label) - 1] for r in records for label in r.labels[~r.ignore])
+    images_with = Counter(class_names[int(label) - 1] for r in records for label in np.unique(r.labels[~r.ignore]))
+    table = Table("class-table", ("class", "label", "objects in the split", "images with it", "objects drawn"), [
+        [name, (str(k), k), (str(in_split[name]), in_split[name]), (str(images_with[name]), images_with[name]),
+         (str(drawn_counts[name]), drawn_counts[name])] for k, name in enumerate(class_names, start=1)])
+    bars = go.Figure(go.Bar(x=class_names, y=[in_split[name] for name in class_names],
+                            hovertemplate="%{x}: %{y} objects<extra></extra>"))
+    bars.update_layout(title=f"objects per class in the {split} split", yaxis_title="objects", height=360,
+                       margin={"t": 50})
+    sizes = go.Figure(go.Histogram(x=sides, nbinsx=30, hovertemplate="%{x} px: %{y} boxes<extra></extra>"))
+    sizes.update_layout(title="box size after the transforms (square root of the area, pixels), drawn images",
+                        xaxis_title="sqrt(box area), px", yaxis_title="boxes", height=360, margin={"t": 50})
+    empty = sum(1 for r in records if not (~r.ignore).any())
+    text = [f"{len(records)} images in the {split} split ({empty} without objects), {len(class_names)} classes "
+            f"(model.num_classes={cfg.model.num_classes}). Label k is the model's class index."]
+    sections = [
+        Section("classes", "Classes", text=text, tables=[table], figures=[figure_html(bars, "class-counts"),
+                                                                          figure_html(sizes, "box-sizes")]),
+        Section("samples", "Samples after the transforms", gallery=items,
+                legend=[(COLOURS["ground truth"], "ground-truth box (class name)")],
+                text=[f"The first {len(items)} images of the split after the {split} transforms"
+                      + (f" (drawn with epoch 0's augmentation of train.seed={cfg.train.seed})" if split == "train"
+                         else "") + ". Click a thumbnail for full size."]),
+    ]
+    data = f"{cfg.data.format} {split} split"
+    rows = provenance(cfg, checkpoint="(none: data only)", data=data, images=len(records), config_path=config_path)
+    return write_page(out_dir, title=f"Detection data: {split} split", subtitle=f"{len(items)} samples as the model "
+                      "sees them", sections=sections, provenance_rows=rows, config_text=OmegaConf.to_yaml(cfg))

@@ -8,7 +8,6 @@ training curves of `history.jsonl` are the same for every task and live here.
 from __future__ import annotations
 
 import datetime
-import html
 import json
 import math
 import os
@@ -76,8 +75,8 @@ class Section:
 
 
 def percent(value: float | None, digits: int = 1) -> tuple[str, float]:
-    """A fraction as a percentage cell (text, sort key); None / nan as "n/a"."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A fraction as a percentage cell (text, sort key); None, nan and COCOeval's -1 (no ground truth) as "n/a"."""
+    if value is None or value == -1 or (isinstance(value, float) and math.isnan(value)):
         return "n/a", -math.inf
     return f"{100 * value:.{digits}f}", float(value)
 
@@ -221,7 +220,3 @@ def write_page(out_dir: str | Path, *, title: str, subtitle: str, sections: Sequ
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
-
-
-def escape(text: str) -> str:
-    return html.escape(text, quote=True)
