@@ -4,8 +4,9 @@ with the most errors drawn, the training curves; and the page of training / val 
 
 Where the parts come from: AP / AR and the PR curves (with their score thresholds) are the evaluator's own
 COCOeval run (faster-coco-eval or pycocotools), so every number equals metrics.json; the matching behind the
-confusion matrix and the gallery is faster-coco-eval's `faster_coco_eval.extra` (ExtraEval, IoU 0.5,
-class-agnostic for the matrix, per class for the gallery); the error breakdown is detection.error_analysis
+confusion matrix and the gallery is faster-coco-eval's (COCOeval_faster with extra_calc, as its
+`faster_coco_eval.extra.ExtraEval` runs it; IoU 0.5, class-agnostic for the matrix, per class for the gallery); the
+error breakdown is detection.error_analysis
 (hand-written, TIDE's rules); charts are plotly, boxes are drawn with torchvision's draw_bounding_boxes.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import plotly.graph_objects as go
@@ -60,7 +61,6 @@ def write_detection_report(out_dir: str | Path, *, cfg: DictConfig, metrics: dic
     object_counts = {name: objects.get(cat_id, 0) for cat_id, name in sorted(name_of.items())}
     detection_counts = Counter(name_of.get(d["category_id"]) for d in detections)
     breakdown = analyze_errors(coco_gt, detections, pos_thresh=IOU_THRESH)
-    flagged = _flagged(coco_gt, detections, use_cats=True)
 
     sections = [_headline(metrics, breakdown, len(records), len(detections)),
                 _per_class(metrics, object_counts, detection_counts),
@@ -68,7 +68,7 @@ def write_detection_report(out_dir: str | Path, *, cfg: DictConfig, metrics: dic
                 _pr_curves(evaluator, metrics),
                 _confusion(coco_gt, detections, names),
                 _errors(breakdown),
-                _gallery(out_dir, flagged, records, gallery_size)]
+                _gallery(out_dir, coco_gt, detections, records, gallery_size)]
     curves = history_section(run_dir)
     if curves is not None:
         sections.append(curves)
@@ -100,24 +100,38 @@ def _ground_truth_and_detections(evaluator: CocoEvaluator | VOCEvaluator, record
     return gt, detections
 
 
-def _flagged(coco_gt: dict, detections: Sequence[dict], use_cats: bool):
-    """faster-coco-eval's ExtraEval over the detections scoring >= SCORE_THRESH at IoU IOU_THRESH: each
-    annotation of its `cocoGt` / `cocoDt` copies carries its match (`dt_id` / `gt_id`, `fp`, `fn`)."""
-    from faster_coco_eval import COCO
-    from faster_coco_eval.extra import PreviewResults
+class Matched(NamedTuple):
+    """Ground truth and the detections scoring >= SCORE_THRESH as faster-coco-eval COCO indexes (annotation id ->
+    annotation), and which detection took which ground truth (crowd regions included) at IoU IOU_THRESH."""
+
+    gt: dict[int, dict]
+    dt: dict[int, dict]
+    dt_to_gt: dict[int, int]
+
+
+def match(coco_gt: dict, detections: Sequence[dict], use_cats: bool) -> Matched:
+    """faster-coco-eval's matching at one IoU (COCOeval_faster with extra_calc, set up as
+    `faster_coco_eval.extra.ExtraEval.evaluate` does: all areas, no cap on detections), called directly: ExtraEval
+    first deep-copies both datasets, ~20 s per 1,000 images of 100 detections. use_cats=False: a detection may take
+    an object of any class (the confusion matrix); True: only of its own (true / false positives)."""
+    from faster_coco_eval import COCO, COCOeval_faster
 
     gt = COCO()
     gt.dataset = {**coco_gt, "annotations": [dict(a) for a in coco_gt["annotations"]]}
     gt.createIndex()
-    image_ids = set(gt.imgs)
-    kept = [dict(d) for d in detections if d["score"] >= SCORE_THRESH and d["image_id"] in image_ids]
-    if kept:
-        dt = gt.loadRes(kept)
-    else:
-        dt = COCO()
-        dt.dataset = {"images": coco_gt["images"], "categories": coco_gt["categories"], "annotations": []}
-        dt.createIndex()
-    return PreviewResults(gt, dt, iou_tresh=IOU_THRESH, useCats=use_cats)
+    kept = [dict(d) for d in detections if d["score"] >= SCORE_THRESH and d["image_id"] in gt.imgs]
+    if not kept:
+        return Matched(gt.anns, {}, {})
+    dt = gt.loadRes(kept)
+    evaluation = COCOeval_faster(gt, dt, "bbox", extra_calc=True, print_function=lambda *_: None)
+    evaluation.params.maxDets = [max(1000, len(dt.anns))]
+    evaluation.params.iouThrs = [IOU_THRESH]
+    evaluation.params.areaRng = [[0, 1e10]]
+    evaluation.params.useCats = int(use_cats)
+    evaluation.evaluate()
+    evaluation.accumulate()
+    pairs = (key.split("_", 1) for key in evaluation.eval["matched"])
+    return Matched(gt.anns, dt.anns, {int(d): int(g) for d, g in pairs})
 
 
 def _headline(metrics: dict, breakdown: ErrorBreakdown, images: int, detections: int) -> Section:
@@ -202,22 +216,22 @@ def _pr_curves(evaluator: CocoEvaluator | VOCEvaluator, metrics: dict) -> Sectio
 
 def confusion_matrix(coco_gt: dict, detections: Sequence[dict]) -> tuple[np.ndarray, list[str]]:
     """[K+1, K+1] counts: rows the ground-truth class or "no object", columns the predicted class or "missed".
-    Matching is faster-coco-eval's (ExtraEval, useCats=False: each detection scoring >= SCORE_THRESH, highest
+    Matching is faster-coco-eval's (`match`, use_cats=False: each detection scoring >= SCORE_THRESH, highest
     score first, takes the unmatched object of highest IoU >= IOU_THRESH, whatever its class); the tally is here,
-    since its own matrix counts crowd regions as missed and files false positives under their predicted class."""
+    since ExtraEval's own matrix counts crowd regions as missed and files false positives under their predicted
+    class's row."""
     categories = sorted(coco_gt["categories"], key=lambda c: c["id"])
     index = {c["id"]: k for k, c in enumerate(categories)}
     k = len(categories)
     matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
-    result = _flagged(coco_gt, detections, use_cats=False)
-    gt_anns, dt_anns = result.cocoGt.anns, result.cocoDt.anns
-    for ann in gt_anns.values():
-        if _ignored(ann):
-            continue
-        dt_id = ann.get("dt_id")
-        matrix[index[ann["category_id"]], k if dt_id is None else index[dt_anns[dt_id]["category_id"]]] += 1
-    for ann in dt_anns.values():
-        if ann.get("gt_id") is None:
+    matched = match(coco_gt, detections, use_cats=False)
+    gt_to_dt = {g: d for d, g in matched.dt_to_gt.items()}
+    for gt_id, ann in matched.gt.items():
+        if not _ignored(ann):
+            dt_id = gt_to_dt.get(gt_id)
+            matrix[index[ann["category_id"]], k if dt_id is None else index[matched.dt[dt_id]["category_id"]]] += 1
+    for dt_id, ann in matched.dt.items():
+        if dt_id not in matched.dt_to_gt:
             matrix[k, index[ann["category_id"]]] += 1
     return matrix, [str(c["name"]) for c in categories]
 
@@ -298,17 +312,19 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str], colo
     return tensor.permute(1, 2, 0).numpy()
 
 
-def _gallery(out_dir: Path, flagged, records: Sequence[ImageRecord], size: int) -> Section:
+def _gallery(out_dir: Path, coco_gt: dict, detections: Sequence[dict], records: Sequence[ImageRecord],
+             size: int) -> Section:
     """The `size` images with the most false positives + missed objects at the page's thresholds, drawn."""
-    gt_anns, dt_anns = flagged.cocoGt.anns, flagged.cocoDt.anns
-    name_of = {c["id"]: str(c["name"]) for c in flagged.cocoGt.dataset["categories"]}
+    matched = match(coco_gt, detections, use_cats=True)
+    name_of = {c["id"]: str(c["name"]) for c in coco_gt["categories"]}
     per_image: dict[int, dict[str, list]] = defaultdict(lambda: {"tp": [], "fp": [], "fn": []})
-    for ann in dt_anns.values():
-        per_image[ann["image_id"]]["fp" if ann.get("gt_id") is None else "tp"].append(ann)
-    for ann in gt_anns.values():
-        if ann.get("dt_id") is None and not _ignored(ann):
+    for dt_id, ann in matched.dt.items():
+        per_image[ann["image_id"]]["tp" if dt_id in matched.dt_to_gt else "fp"].append(ann)
+    taken = set(matched.dt_to_gt.values())
+    for gt_id, ann in matched.gt.items():
+        if gt_id not in taken and not _ignored(ann):
             per_image[ann["image_id"]]["fn"].append(ann)
-    tp_on_crowd = {a["id"] for a in dt_anns.values() if a.get("gt_id") is not None and _ignored(gt_anns[a["gt_id"]])}
+    tp_on_crowd = {d for d, g in matched.dt_to_gt.items() if _ignored(matched.gt[g])}
     errors = {image_id: len(v["fp"]) + len(v["fn"]) for image_id, v in per_image.items()}
     worst = sorted((i for i in errors if errors[i] > 0), key=lambda i: (-errors[i], i))[:size]
     by_id = {r.image_id: r for r in records}
