@@ -11,7 +11,6 @@ error breakdown is detection.error_analysis
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ SCORE_THRESH = 0.5  # detections drawn and counted in the confusion matrix and t
 COLOURS = {"true positive": "#1a9e3a", "false positive": "#d62728", "missed": "#ff9f1c", "ground truth": "#1f77b4"}
 COCO_AREAS = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, math.inf))
 MAX_CURVE_POINTS = 400  # VOC's rank-by-rank curves are thinned to this many points per class for the page
+MAX_ANNOTATED_CLASSES = 25  # the confusion matrix carries its counts in the cells (and as a table) up to this many
 MIN_DRAWN_SIDE = 480  # smaller images are drawn enlarged (whole pixels repeated), so labels stay readable
 
 
@@ -66,7 +66,7 @@ def write_detection_report(out_dir: str | Path, *, cfg: DictConfig, metrics: dic
                 _per_class(metrics, object_counts, detection_counts),
                 _sizes(metrics, coco_gt),
                 _pr_curves(evaluator, metrics),
-                _confusion(coco_gt, detections, names),
+                _confusion(coco_gt, detections),
                 _errors(breakdown),
                 _gallery(out_dir, coco_gt, detections, records, gallery_size)]
     curves = history_section(run_dir)
@@ -236,13 +236,15 @@ def confusion_matrix(coco_gt: dict, detections: Sequence[dict]) -> tuple[np.ndar
     return matrix, [str(c["name"]) for c in categories]
 
 
-def _confusion(coco_gt: dict, detections: Sequence[dict], names: list[str]) -> Section:
+def _confusion(coco_gt: dict, detections: Sequence[dict]) -> Section:
     matrix, names = confusion_matrix(coco_gt, detections)
     rows_labels, column_labels = [*names, "no object"], [*names, "missed"]
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    annotate = len(names) <= MAX_ANNOTATED_CLASSES
     fig = go.Figure(go.Heatmap(
-        z=share, x=column_labels, y=rows_labels, text=matrix, texttemplate="%{text}", colorscale="Blues",
+        z=share, x=column_labels, y=rows_labels, text=matrix if annotate else None,
+        texttemplate="%{text}" if annotate else None, colorscale="Blues",
         zmin=0, zmax=1, customdata=matrix, colorbar={"title": "share of row"},
         hovertemplate="ground truth %{y}<br>predicted %{x}<br>%{customdata} (%{z:.0%} of the row)<extra></extra>"))
     size = max(360, min(1200, 60 * len(column_labels) + 200))
@@ -258,7 +260,7 @@ def _confusion(coco_gt: dict, detections: Sequence[dict], names: list[str]) -> S
     table = Table("confusion-table", ["ground truth \\ predicted", *column_labels],
                   [[rows_labels[i], *[(str(v), int(v)) for v in matrix[i]]] for i in range(len(rows_labels))])
     return Section("confusion", "Confusion matrix", text=text, figures=[figure_html(fig, "confusion-matrix")],
-                   tables=[table])
+                   tables=[table] if annotate else [])
 
 
 def _errors(breakdown: ErrorBreakdown) -> Section:

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.eval.report and last:  # (a resumed run that was already finished evaluates nothing: no new report)
             folder = Path(cfg.output_dir) / ("eval_metrics_report" if args.eval_only else "report")
             page = write_detection_report(folder, cfg=cfg, metrics=metrics, evaluator=last["evaluator"],
-                                          records=val_records, run_dir=cfg.output_dir, gallery_size=cfg.eval.report_images)
+                                          records=val_records, run_dir=cfg.output_dir,
+                                          gallery_size=cfg.eval.report_images)
             print(f"evaluation report: {page}")
         report(metrics, cfg.output_dir, time.time() - start)
     cleanup()
