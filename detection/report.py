@@ -38,7 +38,9 @@ from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco
 
 IOU_THRESH = 0.5  # the matching of the confusion matrix, the gallery and the error breakdown
 SCORE_THRESH = 0.5  # detections drawn and counted in the confusion matrix and the gallery
-COLOURS = {"true positive": "#1a9e3a", "false positive": "#d62728", "missed": "#ff9f1c", "ground truth": "#1f77b4"}
+COLOURS = {"true positive": "#1a9e3a", "false positive": "#d62728", "missed": "#ff9f1c"}
+CLASS_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b", "#bcbd22",
+                 "#7f7f7f")  # the data page's boxes, one per class (cycled): matplotlib's tab10
 COCO_AREAS = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, math.inf))
 MAX_CURVE_POINTS = 400  # VOC's rank-by-rank curves are thinned to this many points per class for the page
 MAX_ANNOTATED_CLASSES = 25  # the confusion matrix carries its counts in the cells (and as a table) up to this many
@@ -378,7 +380,8 @@ def write_detection_browse(out_dir: str | Path, *, cfg: DictConfig, split: str, 
         drawn_counts.update(names)
         boxes = target["boxes"].numpy()
         sides += np.sqrt(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)).tolist()
-        drawn = draw_boxes(pixels, boxes, names, [COLOURS["ground truth"]] * len(names))
+        colours = [CLASS_COLOURS[(int(label) - 1) % len(CLASS_COLOURS)] for label in target["labels"]]
+        drawn = draw_boxes(pixels, boxes, names, colours)
         full, thumb = save_gallery_image(out_dir, f"{index}", drawn)
         kept = int((~record.ignore).sum())
         lines = [f"{record.width}x{record.height} -> {pixels.shape[1]}x{pixels.shape[0]} px, objects: {len(names)}"
@@ -406,7 +409,7 @@ def write_detection_browse(out_dir: str | Path, *, cfg: DictConfig, split: str, 
         Section("classes", "Classes", text=text, tables=[table], figures=[figure_html(bars, "class-counts"),
                                                                           figure_html(sizes, "box-sizes")]),
         Section("samples", "Samples after the transforms", gallery=items,
-                legend=[(COLOURS["ground truth"], "ground-truth box (class name)")],
+                legend=[(CLASS_COLOURS[k % len(CLASS_COLOURS)], name) for k, name in enumerate(class_names)],
                 text=[f"The first {len(items)} images of the split after the {split} transforms"
                       + (f" (drawn with epoch 0's augmentation of train.seed={cfg.train.seed})" if split == "train"
                          else "") + ". Click a thumbnail for full size."]),
