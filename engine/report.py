@@ -181,7 +181,8 @@ def history_section(output_dir: str | Path | None) -> Section | None:
     def curves(keys: list[str], title: str, div_id: str, y_title: str) -> str | None:
         fig = go.Figure()
         for key in keys:
-            points = [(r["iteration"], r[key]) for r in records if r.get(key) is not None and "iteration" in r]
+            points = [(r["iteration"], r[key]) for r in records  # COCOeval's -1: no ground truth of that size
+                      if r.get(key) is not None and r[key] != -1 and "iteration" in r]
             if points:
                 x, y = zip(*points)
                 fig.add_trace(go.Scatter(x=x, y=y, name=key.split("/", 1)[-1], mode="lines+markers",
