@@ -26,6 +26,7 @@ from segmentation.evaluation import SegmentationEvaluator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))  # the tools import each other as torchvision's references do
 
+import benchmark_report  # noqa: E402
 import browse_dataset  # noqa: E402
 import test_det  # noqa: E402
 import test_seg  # noqa: E402
@@ -345,3 +346,8 @@ def test_pages_in_headless_chromium(tiny_det_run, tiny_seg_run, browse_pages, tm
                 page.close()
         finally:
             browser.close()
+
+
+def test_build_time_benchmark_runs_small():
+    result = benchmark_report.main(["--images", "30", "--classes", "5", "--gallery", "2", "--threads", "1"])
+    assert result["detections"] == 3000 and 0 < result["AP50"] < 1 and result["report_s"] > 0
