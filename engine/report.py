@@ -15,7 +15,7 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,6 @@ class Section:
     figures: Sequence[str] = ()  # HTML of plotly figures (see `figure_html`)
     gallery: Sequence[GalleryItem] = ()
     legend: Sequence[tuple[str, str]] = ()  # (CSS colour, label) swatches shown above the gallery
-    details: Sequence[tuple[str, str]] = field(default_factory=list)  # (summary, preformatted text), folded
 
 
 def percent(value: float | None, digits: int = 1) -> tuple[str, float]:
