@@ -81,6 +81,7 @@ class CocoEvaluator:
         self.backend = backend
         self.predictions: list[dict] = []
         self.pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # {class: (recall, precision)} after compute
+        self.pr_scores: dict[str, np.ndarray] = {}  # {class: the score threshold of each point of pr_curves}
 
     def update(self, image_id: int, boxes: Array, scores: Array, labels: Array) -> None:
         """Detections of one image: boxes xyxy in original-image pixels, labels contiguous 1..K."""
@@ -95,9 +96,10 @@ class CocoEvaluator:
         self.predictions.extend(predictions)
 
     def compute(self) -> dict:
-        """The 12 COCO stats, then per class AP (IoU .5:.95) and AP50 (nan without ground truth); the IoU-0.5
-        precision-recall curves are left in `pr_curves`. With no predictions COCOeval's own convention holds:
-        0 where there is ground truth, -1 where an area range has none."""
+        """The 12 COCO stats, then per class AP (IoU .5:.95), AP50 and AR (IoU .5:.95, 100 detections; nan without
+        ground truth); the IoU-0.5 precision-recall curves are left in `pr_curves`, their thresholds in `pr_scores`.
+        With no predictions COCOeval's own convention holds: 0 where there is ground truth, -1 where an area range
+        has none."""
         coco_cls, eval_cls = _coco_backend(self.backend)
         # COCOeval writes into the annotation dicts and loadRes into the detections: hand it copies
         gt_dict = {**self.coco_gt, "annotations": [dict(a) for a in self.coco_gt.get("annotations", [])]}
@@ -118,12 +120,16 @@ class CocoEvaluator:
         metrics: dict = {name: float(value) for name, value in zip(COCO_STATS, coco_eval.stats)}
         names = {c["id"]: str(c["name"]) for c in gt_dict["categories"]}
         self.pr_curves = per_class_pr(coco_eval, names)
+        self.pr_scores = {name: coco_eval.eval["scores"][0, :, k, 0, -1].copy()
+                          for k, name in enumerate(self.pr_curves)}
         # COCOeval marks a class without ground truth with -1: nan here, as VOCEvaluator does
         precision = np.where(coco_eval.eval["precision"] < 0, np.nan, coco_eval.eval["precision"])[:, :, :, 0, -1]
         with warnings.catch_warnings():  # [IoU, recall, class] at area "all", 100 detections
             warnings.simplefilter("ignore", RuntimeWarning)  # the mean of an all-nan slice: a class without GT
             metrics["AP_per_class"] = dict(zip(self.pr_curves, np.nanmean(precision, axis=(0, 1)).tolist()))
             metrics["AP50_per_class"] = dict(zip(self.pr_curves, np.nanmean(precision[0], axis=0).tolist()))
+            recall = np.where(coco_eval.eval["recall"] < 0, np.nan, coco_eval.eval["recall"])[:, :, 0, -1]
+            metrics["AR_per_class"] = dict(zip(self.pr_curves, np.nanmean(recall, axis=0).tolist()))  # [IoU, class]
         return metrics
 
 
@@ -224,6 +230,7 @@ class VOCEvaluator:
         self.use_07_metric = use_07_metric
         self.predictions: list[Detection] = []
         self.pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # {class: (recall, precision)} after compute
+        self.pr_scores: dict[str, np.ndarray] = {}  # {class: the score threshold of each point of pr_curves}
 
     def update(self, image_id: int, boxes: Array, scores: Array, labels: Array) -> None:
         """Detections of one image: boxes xyxy in original-image pixels, labels contiguous 1..K."""
@@ -237,7 +244,8 @@ class VOCEvaluator:
         self.predictions.extend(Detection(*p) for p in predictions)
 
     def compute(self) -> dict:
-        """{"mAP": float, "AP_per_class": {name: float}}; the curves behind them are left in `pr_curves`."""
+        """{"mAP": float, "AP_per_class": {name: float}}; the curves behind them are left in `pr_curves`, their
+        thresholds in `pr_scores`."""
         known = {r.image_id for r in self.records}
         by_class: dict[int, list[Detection]] = defaultdict(list)
         for d in self.predictions:
@@ -257,6 +265,8 @@ class VOCEvaluator:
                      for name, curve in curves.items()}
         empty = (np.zeros(0), np.zeros(0))
         self.pr_curves = {name: curve or empty for name, curve in curves.items()}  # for plots: rank by rank
+        self.pr_scores = {name: np.sort([d.score for d in by_class[label]])[::-1] if curves[name] else np.zeros(0)
+                          for label, name in enumerate(self.class_names, start=1)}  # _class_pr's rank order
         valid = [ap for ap in per_class.values() if not math.isnan(ap)]
         return {"mAP": float(np.mean(valid)) if valid else math.nan, "AP_per_class": per_class}
 

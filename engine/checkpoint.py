@@ -197,7 +197,7 @@ SAFE_RESUME_CHANGES = ("train.epochs", "train.iters", "train.log_every", "train.
 WORK_FILES = (LAST_CHECKPOINT, "history.jsonl", "metrics.json")  # a folder holding one of these holds a run
 RESUME_AUTO = "auto"  # --resume auto: continue the run if output_dir holds a checkpoint, else start one
 RUN_FILES = (*WORK_FILES, "config.yaml", "resumes.jsonl", "eval_metrics.json", "invalid_train.txt",
-             "invalid_val.txt", "tb")  # what --overwrite deletes
+             "invalid_val.txt", "tb", "report", "eval_metrics_report")  # what --overwrite deletes
 
 
 def start_run(output_dir: str | Path, config: Mapping | DictConfig, *, resume: bool | str = False,

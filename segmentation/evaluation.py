@@ -14,8 +14,9 @@ from segmentation.palette import VOID
 class SegmentationEvaluator:
     """Accumulates a [num_classes, num_classes] int64 confusion matrix (rows = GT, cols = pred).
 
-    Only the matrix is state, so distributed ranks can sum `confusion` (all-reduce or `merge`)
-    and any rank computes the exact global metrics.
+    Only the matrix is state for the metrics, so distributed ranks can sum `confusion` (all-reduce or `merge`)
+    and any rank computes the exact global metrics. `image_miou` keeps each image's own mIoU (classes present
+    in its ground truth or prediction) for the report's gallery of the worst images.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = VOID, class_names: Sequence[str] | None = None) -> None:
@@ -23,20 +24,32 @@ class SegmentationEvaluator:
         self.ignore_index = ignore_index
         self.class_names = list(class_names or (str(i) for i in range(num_classes)))
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.image_miou: dict[int, float] = {}  # image index -> its own mIoU, for the images given one
 
-    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
-        """Add predicted class indices vs ground truth, both [N, H, W] or [H, W]."""
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray,
+               image_indices: Sequence[int] | None = None) -> None:
+        """Add predicted class indices vs ground truth, both [N, H, W] or [H, W]; with `image_indices` (one per
+        image of the batch) also record each image's mIoU."""
         pred, target = torch.as_tensor(pred), torch.as_tensor(target)
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        if image_indices is not None:
+            for index, one_pred, one_target in zip(image_indices, pred.reshape(-1, *pred.shape[-2:]),
+                                                   target.reshape(-1, *target.shape[-2:])):
+                confusion = self._confusion(one_pred, one_target)
+                self.confusion += confusion
+                self.image_miou[int(index)] = _nanmean(_iou(confusion.double().numpy()))
+            return
+        self.confusion += self._confusion(pred, target)
+
+    def _confusion(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         keep = target != self.ignore_index
         pred, target = pred[keep].long(), target[keep].long()
         n = self.num_classes
         for name, values in (("prediction", pred), ("target", target)):
             if values.numel() and (values.min() < 0 or values.max() >= n):
                 raise ValueError(f"{name} has class indices outside [0, {n}) (ignore_index={self.ignore_index})")
-        counts = torch.bincount(target * n + pred, minlength=n * n)
-        self.confusion += counts.reshape(n, n).cpu()
+        return torch.bincount(target * n + pred, minlength=n * n).reshape(n, n).cpu()
 
     def merge(self, other_confusion: torch.Tensor | SegmentationEvaluator) -> None:
         """Add another evaluator's (or rank's) confusion matrix into this one."""
@@ -45,23 +58,31 @@ class SegmentationEvaluator:
         self.confusion += other_confusion.to(self.confusion)
 
     def compute(self) -> dict:
-        """mIoU, pixel accuracy, mean class accuracy and per-class IoU.
+        """mIoU, pixel accuracy, mean class accuracy, per-class IoU and accuracy (recall of the class's pixels).
 
-        A class absent from both GT and prediction has IoU nan and is left out of the means.
+        A class absent from both GT and prediction has IoU nan and is left out of the means; one absent from the
+        GT has accuracy nan.
         """
         confusion = self.confusion.double().numpy()
         true_pos = np.diag(confusion)
-        gt_count, pred_count = confusion.sum(1), confusion.sum(0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            iou = true_pos / (gt_count + pred_count - true_pos)
-            class_acc = true_pos / gt_count
+            iou = _iou(confusion)
+            class_acc = true_pos / confusion.sum(1)
             pixel_acc = true_pos.sum() / confusion.sum()
         return {
             "mIoU": _nanmean(iou),
             "pixel_acc": float(pixel_acc),
             "mean_acc": _nanmean(class_acc),
             "IoU_per_class": dict(zip(self.class_names, iou.tolist())),
+            "acc_per_class": dict(zip(self.class_names, class_acc.tolist())),
         }
+
+
+def _iou(confusion: np.ndarray) -> np.ndarray:
+    """Per-class IoU of a [GT, prediction] confusion matrix; nan for a class in neither."""
+    true_pos = np.diag(confusion)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return true_pos / (confusion.sum(1) + confusion.sum(0) - true_pos)
 
 
 def _nanmean(values: np.ndarray) -> float:

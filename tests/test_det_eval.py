@@ -82,10 +82,11 @@ def test_coco_evaluator_matches_pycocotools(shapes, backend, tmp_path, caplog):
         stats = merged.compute()
     assert "dropped 1 predictions" in caplog.text
 
-    assert list(stats) == [*COCO_STATS, "AP_per_class", "AP50_per_class"]
+    assert list(stats) == [*COCO_STATS, "AP_per_class", "AP50_per_class", "AR_per_class"]
     np.testing.assert_allclose([stats[k] for k in COCO_STATS], expected, rtol=0, atol=1e-12)
     assert list(stats["AP_per_class"]) == names  # and COCO AP is the mean of the classes' APs
     assert np.mean(list(stats["AP_per_class"].values())) == pytest.approx(stats["AP"], abs=1e-12)
+    assert np.mean(list(stats["AR_per_class"].values())) == pytest.approx(stats["AR100"], abs=1e-12)
     assert 0.2 < stats["AP"] < 0.95 and stats["APl"] == -1  # non-trivial; no large objects in 96 px images
     assert evaluator.compute() == stats
 

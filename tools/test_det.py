@@ -9,7 +9,8 @@
 Writes the metrics as JSON (default: test_metrics.json beside the checkpoint) with AP per class, and a
 precision-recall curve per class (IoU 0.5) as pr_curves.png beside it, and prints them. With test-time
 augmentation (`eval.scales`, `eval.flip`) the plain single-scale evaluation runs too and the gain is reported
-under "tta".
+under "tta". The evaluation page (docs/report.md) goes to --report (default: a folder named after --out,
+test_metrics_report/).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from detection.fast import optimize_for_inference  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector, load_detector_weights  # noqa: E402
 from detection.quantize import calibration_batches, quantize_int8  # noqa: E402
+from detection.report import write_detection_report  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
 from engine.loop import amp_dtype, eval_loader  # noqa: E402
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "(detection.quantize), calibrated on --calibration-images training images; not exact")
     parser.add_argument("--calibration-images", type=int, default=32, metavar="N",
                         help="with --int8: the first N training images set the activation ranges (default 32)")
+    parser.add_argument("--report", type=Path, help="folder of the evaluation page (default: named after --out, "
+                                                    "e.g. test_metrics_report/); eval.report=false: no page")
+    parser.add_argument("--report-images", type=int, metavar="N", help="images in its gallery (eval.report_images)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, DEFAULT_CONFIG, args)
@@ -70,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     if out.is_dir() or not out.parent.is_dir():  # checked now, not after the whole evaluation
         parser.error(f"--out {out}: {'is a folder' if out.is_dir() else f'folder {out.parent} does not exist'}; "
                      "give a file path in an existing folder")
+    report_dir = args.report or out.with_name(f"{out.stem}_report")
+    if report_dir.resolve() == (args.checkpoint.parent / "report").resolve() or (args.report_images or 0) < 0:
+        parser.error(f"--report {report_dir} is the training run's own report, or --report-images < 0")
     _, _, device = init_distributed(cfg.device)
 
     if is_main_process():
@@ -123,6 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"test-time augmentation (scales {t['scales']}, flip {t['flip']}): {t['metric']} "
                   f"{metrics[t['metric']]:.4f} vs {t['single_scale']:.4f} single-scale, gain {t['gain']:+.4f}")
         print(f"written to {out} and {plot}")
+        if cfg.eval.report:
+            gallery = cfg.eval.report_images if args.report_images is None else args.report_images
+            page = write_detection_report(report_dir, cfg=cfg, metrics=metrics, evaluator=evaluator, records=records,
+                                          run_dir=args.checkpoint.parent, checkpoint=args.checkpoint,
+                                          config_path=args.config, gallery_size=gallery)
+            print(f"evaluation report: {page}")
     cleanup()
     return metrics
 

@@ -6,7 +6,8 @@
     python tools/train_det.py --config ... --resume             # continue from output_dir/last.pth, bit for bit
     python tools/train_det.py --config ... --resume auto        # the same if there is a checkpoint, else a new run
 
-Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl and metrics.json.
+Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl, metrics.json and report/index.html
+(the evaluation page: docs/report.md).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from detection.build import build_dataset, build_evaluator, load_split, prepare_
 from detection.datasets import collate, validate_records  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector  # noqa: E402
+from detection.report import write_detection_report  # noqa: E402
 from detection.samplers import GroupedBatchSampler, aspect_ratio_groups  # noqa: E402
 from engine.checkpoint import start_run  # noqa: E402
 from engine.config import parse_args  # noqa: E402
@@ -78,9 +80,12 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
         losses = model(images, targets)
         return {"loss": sum(losses.values()), **losses}
 
+    last = {}  # the latest evaluator: the final one's predictions make the report
+
     def run_evaluation(model):
-        evaluator = build_evaluator(cfg.eval.metric, cfg.eval.backend, cfg.data, val_records, class_names, cat_ids)
-        return evaluate(model, val_loader, evaluator, device, amp_dtype=amp)
+        last["evaluator"] = build_evaluator(cfg.eval.metric, cfg.eval.backend, cfg.data, val_records, class_names,
+                                            cat_ids)
+        return evaluate(model, val_loader, last["evaluator"], device, amp_dtype=amp)
 
     def group_batches(indices, batch_size):  # landscape images batched with landscape ones, portrait with portrait
         return GroupedBatchSampler(indices, aspect_ratio_groups(train_set.aspect_ratios()), batch_size)
@@ -91,6 +96,12 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
                         eval_only=args.eval_only)
     metrics = loop.evaluate_only() if args.eval_only else loop.run()
     if is_main_process():
+        if cfg.eval.report and last:  # (a resumed run that was already finished evaluates nothing: no new report)
+            folder = Path(cfg.output_dir) / ("eval_metrics_report" if args.eval_only else "report")
+            page = write_detection_report(folder, cfg=cfg, metrics=metrics, evaluator=last["evaluator"],
+                                          records=val_records, run_dir=cfg.output_dir,
+                                          gallery_size=cfg.eval.report_images)
+            print(f"evaluation report: {page}")
         report(metrics, cfg.output_dir, time.time() - start)
     cleanup()
     return metrics

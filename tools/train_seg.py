@@ -6,7 +6,8 @@
     python tools/train_seg.py --config ... --resume             # continue from output_dir/last.pth, bit for bit
     python tools/train_seg.py --config ... --resume auto        # the same if there is a checkpoint, else a new run
 
-Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl and metrics.json.
+Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl, metrics.json and report/index.html
+(the evaluation page: docs/report.md).
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
 from engine.run_lock import lock_output_dir  # noqa: E402
 from segmentation.build import build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
+from segmentation.evaluation import SegmentationEvaluator  # noqa: E402
 from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model, segmentation_loss  # noqa: E402
+from segmentation.report import write_segmentation_report  # noqa: E402
 from segmentation.transforms import build_seg_transforms  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "seg" / "default.yaml"
@@ -71,15 +74,24 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
         losses = segmentation_loss(model(images), targets)
         return {"loss": sum(losses.values()), **losses}
 
+    last = {}  # the latest evaluator: the final one's per-image mIoU picks the report's gallery
+
     def run_evaluation(model):
+        last["evaluator"] = SegmentationEvaluator(len(val_set.class_names), class_names=val_set.class_names)
         return evaluate(model, val_loader, val_set.class_names, device, scales=cfg.eval.scales, flip=cfg.eval.flip,
-                        amp_dtype=amp)
+                        amp_dtype=amp, evaluator=last["evaluator"])
 
     # --- the loop; drop_last: a trailing batch of one would break BatchNorm on the ASPP's 1x1 pooled map
     loop = TrainingLoop(cfg, model, train_set, step=step, evaluate=run_evaluation, checkpoint=checkpoint,
                         drop_last=True, eval_only=args.eval_only)
     metrics = loop.evaluate_only() if args.eval_only else loop.run()
     if is_main_process():
+        if cfg.eval.report and last:  # (a resumed run that was already finished evaluates nothing: no new report)
+            folder = Path(cfg.output_dir) / ("eval_metrics_report" if args.eval_only else "report")
+            page = write_segmentation_report(folder, cfg=cfg, metrics=metrics, evaluator=last["evaluator"], model=model,
+                                             dataset=val_set, device=device, run_dir=cfg.output_dir,
+                                             gallery_size=cfg.eval.report_images, amp_dtype=amp)
+            print(f"evaluation report: {page}")
         report(metrics)
         print(f"metrics written to {cfg.output_dir}; wall time {(time.time() - start) / 60:.1f} min")
     cleanup()
