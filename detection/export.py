@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
 from backbones import fold_batchnorm
-from engine.trained import load_model_state, load_run_config, model_config_for_inference
+from engine.trained import load_run_config, load_trained_weights, model_config_for_inference
 
 from .models import build_detector
 from .predictor import DEFAULT_CONFIG, test_resize_sides
@@ -120,7 +120,7 @@ def build_exportable_detector(config: str | Path | DictConfig, checkpoint: str |
     """A run's detector with its weights, BatchNorms folded, and the run's test resize inside, in eval mode."""
     cfg = load_run_config(config, DEFAULT_CONFIG)
     model = build_detector(model_config_for_inference(cfg.model))
-    model.load_state_dict(load_model_state(checkpoint))
+    load_trained_weights(model, checkpoint)
     return ExportableDetector(fold_batchnorm(model.eval()), *test_resize_sides(cfg.data)).eval()
 
 
