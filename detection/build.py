@@ -15,7 +15,7 @@ import numpy as np
 from engine.demo_data import prepare_demo_data
 from engine.validation import InvalidFiles
 
-from .datasets import VOC_CLASSES, DetectionDataset, ImageRecord, load_coco_records, load_voc_records
+from .datasets import VOC_CLASSES, DetectionDataset, ImageRecord, ImageRecords, load_coco_records, load_voc_records
 from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco
 from .synthetic import generate_shapes_dataset
 from .transforms import build_det_transforms
@@ -53,20 +53,19 @@ def load_split(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], 
     return records, class_names, cat_ids
 
 
-def drop_small_boxes(records: list[ImageRecord], min_size: float, *, drop: bool = True
-                     ) -> tuple[list[ImageRecord], list[tuple[str, list[float], int]]]:
-    """Records without the boxes whose width or height is below `min_size` pixels (with `drop`; else unchanged),
-    and every such box as (image path, [x1, y1, x2, y2], label). A degenerate annotation (BCCD's xmin == xmax)
-    is no object to learn: Detectron2 and MMDetection filter them the same way before training."""
-    kept, small = [], []
-    for record in records:
-        sizes = record.boxes[:, 2:] - record.boxes[:, :2]
-        tiny = (sizes < min_size).any(axis=1)
-        small += [(record.path, [round(float(v), 2) for v in box], int(label))
-                  for box, label in zip(record.boxes[tiny], record.labels[tiny])]
-        kept.append(replace(record, boxes=record.boxes[~tiny], labels=record.labels[~tiny], ignore=record.ignore[~tiny])
-                    if drop and tiny.any() else record)
-    return kept, small
+def drop_small_boxes(records: Sequence[ImageRecord], min_size: float, *, drop: bool = True
+                     ) -> tuple[ImageRecords, list[tuple[str, list[float], int]]]:
+    """Records without the boxes whose width or height is below `min_size` pixels or zero (with `drop`; else
+    unchanged), and every such box as (image path, [x1, y1, x2, y2], label). A degenerate annotation (BCCD's
+    xmin == xmax, a COCO box of width 0) is no object to learn: Detectron2 and MMDetection filter them the same
+    way before training. One vectorised pass over the store (COCO's 860k boxes in milliseconds)."""
+    store = ImageRecords.from_records(records)
+    image_index, boxes, labels = store.objects()
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    tiny = ((sizes < min_size) | (sizes <= 0)).any(axis=1)
+    small = [(store[int(i)].path, [round(float(v), 2) for v in box], int(label))
+             for i, box, label in zip(image_index[tiny], boxes[tiny], labels[tiny])]
+    return (store.keep_objects(~tiny) if drop and tiny.any() else store), small
 
 
 def select_classes(records: list[ImageRecord], class_names: list[str], cat_ids: list[int] | None,

@@ -108,6 +108,17 @@ class ImageRecords(Sequence[ImageRecord]):
         """Width / height per record (float64)."""
         return self._sizes[:, 0] / self._sizes[:, 1]
 
+    def objects(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every object of the store in record order: its record's index, its box and its label (read-only)."""
+        counts = np.diff(self._object_offsets)
+        return np.repeat(np.arange(len(self)), counts), self._boxes, self._labels
+
+    def keep_objects(self, keep: np.ndarray) -> ImageRecords:
+        """The same images with only the objects where `keep` (a mask over `objects()`) is true."""
+        kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        return ImageRecords(self._paths, self._path_offsets, self._sizes, self._image_ids, self._boxes[keep],
+                            self._labels[keep], self._ignore[keep], kept_before[self._object_offsets])
+
     def count_objects(self) -> tuple[int, int]:
         """(objects, objects that are training targets: not crowd / difficult)."""
         return len(self._ignore), int((~self._ignore).sum())
@@ -158,8 +169,8 @@ def _checked_box(box: Sequence[float], width: int, height: int) -> tuple[np.ndar
         return None, f"lies outside the {width}x{height} image"
     x1, y1, x2, y2 = (min(v if v > 0.0 else 0.0, limit)  # np.clip's result, -0.0 included (it gives 0.0)
                       for v, limit in ((x1, width), (y1, height), (x2, width), (y2, height)))
-    if x2 <= x1 or y2 <= y1:
-        return None, "has zero or negative area"
+    if x2 < x1 or y2 < y1:  # zero width or height passes: data.min_box_size drops (train) or names (val) it
+        return None, "has negative width or height"
     return np.array((x1, y1, x2, y2), dtype=np.float32), ""
 
 

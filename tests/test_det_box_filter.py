@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -71,8 +72,7 @@ def test_one_rule_for_coco_and_voc_train_drops_val_keeps_both_named(tmp_path, ca
 
 def test_drop_small_boxes_checks_width_and_height_separately(tmp_path):
     records, _, _ = load_split(_data("voc", _voc(tmp_path / "voc"), "data.min_box_size=0"), "train")
-    thin = records[0]
-    thin.boxes[1] = [10, 10, 30, 11.5]  # 20 px wide, 1.5 px high
+    thin = replace(records[0], boxes=np.array([[4, 5, 5, 6], [10, 10, 30, 11.5]], np.float32))  # 20 px wide, 1.5 high
     kept, small = drop_small_boxes([thin], 2.0)
     assert kept[0].boxes.shape == (0, 4) and [box for _, box, _ in small] == [[4.0, 5.0, 5.0, 6.0], [10.0, 10.0, 30.0, 11.5]]
     assert len(kept[0].labels) == len(kept[0].ignore) == 0
@@ -88,3 +88,17 @@ def test_bccd_degenerate_boxes_are_named(caplog):
     assert "BloodImage_00343.jpg RBC [180.0, 328.0, 181.0, 329.0]" in caplog.text
     load_split(data, "val")
     assert "BloodImage_00338.jpg RBC [503.0, 336.0, 504.0, 337.0]" in caplog.text
+
+
+def test_coco_zero_width_box_is_dropped_and_named_even_with_min_box_size_0(tmp_path, caplog):
+    """A COCO box of width 0 loads (no DatasetError) and is dropped from training by the same rule, whatever
+    data.min_box_size says: torchvision's detector refuses zero-size boxes mid-run."""
+    root = _coco(tmp_path / "coco")
+    coco = json.loads((root / "instances.json").read_text())
+    coco["annotations"][0]["bbox"] = [4, 5, 0, 3]
+    (root / "instances.json").write_text(json.dumps(coco))
+    train, _, _ = load_split(_data("coco", root, "data.min_box_size=0"), "train")
+    np.testing.assert_array_equal(train[0].boxes, [[9, 9, 30, 25]])
+    assert "a.jpg cell [4.0, 5.0, 4.0, 8.0]" in caplog.text
+    val, _, _ = load_split(_data("coco", root, "data.min_box_size=0"), "val")
+    assert len(val[0].boxes) == 2  # val keeps it: the evaluation follows the annotations

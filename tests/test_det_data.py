@@ -116,7 +116,7 @@ def voc_with(tmp_path, bad_xml: str):
 @pytest.mark.parametrize("case, expected", [
     ("missing image", ["instances.json", "a.png"]),
     ("malformed json", ["instances.json"]),
-    ("zero-area box", ["instances.json", "annotation id 41", "zero or negative area"]),
+    ("negative-width box", ["instances.json", "annotation id 41", "negative width or height"]),
     ("box outside image", ["instances.json", "annotation id 41", "outside"]),
     ("unknown category", ["instances.json", "annotation id 41", "category_id 99"]),
     ("malformed xml", ["x.xml"]),
@@ -127,7 +127,7 @@ def test_invalid_data_raises_naming_file_and_object(tmp_path, case, expected):
     load = {
         "missing image": lambda: coco_with(tmp_path, drop_image=True),
         "malformed json": lambda: coco_with(tmp_path, text='{"images": [}'),
-        "zero-area box": lambda: coco_with(tmp_path, bbox=(2, 3, 0, 5)),
+        "negative-width box": lambda: coco_with(tmp_path, bbox=(2, 3, -1, 5)),
         "box outside image": lambda: coco_with(tmp_path, bbox=(15, 3, 8, 5)),
         "unknown category": lambda: coco_with(tmp_path, category_id=99),
         "malformed xml": lambda: voc_with(tmp_path, "<annotation><object></annotation>"),
@@ -143,7 +143,7 @@ def test_invalid_data_raises_naming_file_and_object(tmp_path, case, expected):
 def test_skip_invalid_skips_and_counts(tmp_path, caplog):
     images_dir, json_path = coco_fixture(tmp_path, [
         {"id": 1, "image_id": 5, "category_id": 7, "bbox": [2, 3, 10, 5], "iscrowd": 0},
-        {"id": 2, "image_id": 5, "category_id": 7, "bbox": [2, 3, 0, 5], "iscrowd": 0},  # zero area
+        {"id": 2, "image_id": 5, "category_id": 7, "bbox": [2, 3, -1, 5], "iscrowd": 0},  # negative width
         {"id": 3, "image_id": 5, "category_id": 99, "bbox": [2, 3, 4, 5], "iscrowd": 0},  # unknown category
         {"id": 4, "image_id": 9, "category_id": 3, "bbox": [1, 1, 4, 4], "iscrowd": 0},  # on the missing image
     ])

@@ -139,15 +139,16 @@ def test_interrupted_full_check_resumes_from_its_cache(tmp_path, monkeypatch):
 
 
 def numpy_checked_box(box, width, height):
-    """detection.datasets._checked_box as it was in numpy (before issue 21): the reference for the Python one."""
+    """detection.datasets._checked_box in numpy (as it was before issue 21, zero-size boxes now passed on to
+    data.min_box_size): the reference for the Python one."""
     b = np.asarray(box, dtype=np.float64)
     if b.shape != (4,) or not np.isfinite(b).all():
         return None, "is not 4 finite numbers"
     if b[0] < -BOX_TOLERANCE or b[1] < -BOX_TOLERANCE or b[2] > width + BOX_TOLERANCE or b[3] > height + BOX_TOLERANCE:
         return None, f"lies outside the {width}x{height} image"
     b = np.clip(b, 0, [width, height, width, height])
-    if b[2] <= b[0] or b[3] <= b[1]:
-        return None, "has zero or negative area"
+    if b[2] < b[0] or b[3] < b[1]:
+        return None, "has negative width or height"
     return b.astype(np.float32), ""
 
 
