@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+from dataclasses import replace
 import logging
 import math
 import pickle
@@ -45,8 +46,8 @@ def noisy_detections(records: list[ImageRecord], num_classes: int, seed: int) ->
 def shapes(tmp_path_factory):
     root = generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=0, num_val=30, image_size=96)
     records, names, cat_ids = load_coco_records(root / "val", root / "annotations" / "instances_val.json")
-    for r in records[::4]:
-        r.ignore[0] = True  # some crowd regions
+    records = [replace(r, ignore=np.arange(len(r.ignore)) == 0) if i % 4 == 0 else r  # some crowd regions
+               for i, r in enumerate(records)]
     return records, names, cat_ids
 
 
