@@ -108,8 +108,7 @@ def build_dataset(data: Mapping[str, Any], records: Sequence[ImageRecord], train
                   report_dir: str | Path | None = None) -> DetectionDataset:
     """The split's dataset with its transform; an image that fails to decode mid-run is skipped and listed in
     `report_dir/invalid_<split>.txt` with `data.skip_invalid`, else stops the run naming it."""
-    sizes = list(data["min_size"]) if not isinstance(data["min_size"], int) else [data["min_size"]]
-    transform = build_det_transforms(train, sizes if train else max(sizes), data["max_size"], flip_prob=data["flip_prob"])
+    transform = build_det_transforms(train, data["min_size"], data["max_size"], flip_prob=data["flip_prob"])
     report = Path(report_dir) / f"invalid_{'train' if train else 'val'}.txt" if report_dir is not None else None
     return DetectionDataset(records, transform, invalid=InvalidFiles(data["skip_invalid"], report),
                             replace_skipped=train)

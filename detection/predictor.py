@@ -76,8 +76,7 @@ def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
 def test_resize_sides(data: DictConfig) -> tuple[int, int]:
     """(shortest, longest) of the run's test resize: the largest `data.min_size`, capped by `data.max_size`
     (the Predictor's and test_det.py's transform, and the exported models' in-graph resize)."""
-    sizes = [data.min_size] if isinstance(data.min_size, int) else list(data.min_size)
-    return max(sizes), data.max_size
+    return max(data.min_size), data.max_size
 
 
 class Predictor:

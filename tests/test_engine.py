@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from engine import distributed, random_state
-from engine.checkpoint import find_resume, load_checkpoint, save_checkpoint, start_run
+from engine.checkpoint import load_checkpoint, save_checkpoint, start_run
 from engine.config import ConfigError, load_config, parse_args, save_config
 from engine.output import RunOutput, plot_history
 from engine.sampling import EpochBatches
@@ -179,8 +179,7 @@ def test_checkpoint_resume_gives_identical_next_step(tmp_path):
     expected = train_step(model, optimizer, scheduler, seed=99)
 
     resumed, opt2, sched2 = make_training(seed=123)
-    path = find_resume(tmp_path)
-    assert path == tmp_path / "last.pth"
+    path = tmp_path / "last.pth"
     state = load_checkpoint(path, model=resumed, optimizer=opt2, scheduler=sched2)
     assert (state["epoch"], state["iteration"], state["best_map"]) == (1, 4, 0.5)
     assert state["config"] == {"train": {"lr": 0.1}}
@@ -190,8 +189,7 @@ def test_checkpoint_resume_gives_identical_next_step(tmp_path):
     torch.load(path, weights_only=True)  # plain tensors and containers only
 
 
-def test_checkpoint_missing_and_no_resume(tmp_path):
-    assert find_resume(tmp_path) is None
+def test_checkpoint_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(tmp_path / "nope.pth")
 

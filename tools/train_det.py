@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     checkpoint = start_run(cfg.output_dir, cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
-    rank, world_size, device = init_distributed(cfg.device)
+    rank, _, device = init_distributed(cfg.device)
     amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read
     seed_everything(cfg.train.seed, rank)
 
