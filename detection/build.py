@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from engine.config import CONFIGS_DIR
 from engine.demo_data import prepare_demo_data
 from engine.validation import InvalidFiles
 
@@ -22,6 +23,7 @@ from .transforms import build_det_transforms
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CONFIG = CONFIGS_DIR / "det" / "default.yaml"  # the detection schema: every det config overrides it
 FORMATS = ("coco", "voc")
 METRICS = ("coco", "voc07", "voc12")
 

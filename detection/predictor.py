@@ -17,8 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from engine.images import ImageInput, as_rgb_array, image_to_tensor
-from engine.trained import load_run_config, load_trained_weights, model_config_for_inference
+from engine.trained import build_trained_model, load_run_config
 
+from .build import DEFAULT_CONFIG
 from .datasets import VOC_CLASSES
 from .inference import detect, to_original_size
 from .fast import optimize_for_inference
@@ -28,8 +29,6 @@ from .synthetic import CLASSES as SHAPES_CLASSES
 from .transforms import build_det_transforms
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
 
 @dataclass
@@ -98,8 +97,7 @@ class Predictor:
         self.cfg = load_run_config(config, DEFAULT_CONFIG)
         self.device = torch.device(device)
         self.class_names, self.category_ids = label_space(self.cfg)
-        model = build_detector(model_config_for_inference(self.cfg.model))
-        load_trained_weights(model, checkpoint)
+        model = build_trained_model(build_detector, self.cfg.model, checkpoint)
         if score_thresh is not None:
             model.roi_heads.score_thresh = score_thresh
         model.eval()

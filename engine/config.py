@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .config_spec import check_value, inferred_rule, load_spec
 
 BASE_KEY = "_base_"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/: every default lives there
 COMMAND_LINE = "command line"
 
 

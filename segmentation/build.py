@@ -9,12 +9,14 @@ from typing import Any
 import albumentations as A
 from torch.utils.data import Subset
 
+from engine.config import CONFIGS_DIR
 from engine.demo_data import prepare_demo_data
 
 from .datasets import COCO_TO_VOC, CocoSemantic, SegmentationDataset, VOCSegmentation
 from .palette import VOC_CLASSES
 from .synthetic import SHAPES_CLASSES, generate_shapes_segmentation
 
+DEFAULT_CONFIG = CONFIGS_DIR / "seg" / "default.yaml"  # the segmentation schema: every seg config overrides it
 CLASS_MAPPINGS = {None: None, "coco_to_voc": COCO_TO_VOC}
 FORMATS = ("voc", "coco")
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from engine.images import DatasetError, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
+from engine.images import DatasetError, image_to_tensor, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
 from engine.validation import FileCheck, validate_files, validation_mode
 from segmentation.palette import VOC_CLASSES, VOID
 
@@ -101,8 +101,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        image_t = image_t.float() / 255 if image_t.dtype == torch.uint8 else image_t.float()
+        image_t = (image_to_tensor(image) if image.dtype == np.uint8
+                   else torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float())
         return image_t, torch.from_numpy(np.ascontiguousarray(mask)).long()
 
     def validate(self, *, split: str = "train", validate: str | bool = "auto", skip_invalid: bool = False,

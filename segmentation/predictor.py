@@ -16,9 +16,10 @@ import torch
 from omegaconf import DictConfig
 
 from backbones import fold_batchnorm
-from engine.images import ImageInput, as_rgb_array
-from engine.trained import load_run_config, load_trained_weights, model_config_for_inference
+from engine.images import ImageInput, as_rgb_array, image_to_tensor
+from engine.trained import build_trained_model, load_run_config
 
+from .build import DEFAULT_CONFIG
 from .datasets import COCO_TO_VOC
 from .evaluation import multiscale_flip_inference
 from .models import build_segmentation_model
@@ -26,8 +27,6 @@ from .palette import VOC_CLASSES
 from .synthetic import SHAPES_CLASSES
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "seg" / "default.yaml"
 
 
 @dataclass
@@ -85,8 +84,7 @@ class Predictor:
         self.cfg = load_run_config(config, DEFAULT_CONFIG)
         self.device = torch.device(device)
         self.class_names, self.category_ids = label_space(self.cfg)
-        model = build_segmentation_model(model_config_for_inference(self.cfg.model))
-        load_trained_weights(model, checkpoint)
+        model = build_trained_model(build_segmentation_model, self.cfg.model, checkpoint)
         model.eval()
         if fast:
             fold_batchnorm(model).to(memory_format=torch.channels_last)
@@ -99,9 +97,7 @@ class Predictor:
         single = not isinstance(images, (list, tuple))
         results = []
         for image in [images] if single else images:
-            array = as_rgb_array(image)
-            tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(255)[None]
-            tensor = tensor.to(self.device)
+            tensor = image_to_tensor(as_rgb_array(image))[None].to(self.device)
             if self.fast:
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
             log_probs = multiscale_flip_inference(self.model, tensor, tuple(self.cfg.eval.scales), self.cfg.eval.flip)

@@ -23,6 +23,7 @@ from engine.config import ConfigError, load_config, parse_args, save_config
 from engine.output import RunOutput, plot_history
 from engine.sampling import EpochBatches
 from engine.schedule import build_lr_scheduler, build_sgd
+from engine.trained import build_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,6 +193,25 @@ def test_checkpoint_resume_gives_identical_next_step(tmp_path):
 def test_checkpoint_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_a_trained_model_loads_when_its_backbone_weights_file_has_moved(tmp_path, moved):
+    """The one loading path (Predictors, export, test / visualize tools): the checkpoint holds every weight, so a
+    backbone weights file that is gone is not asked for; one that is there is passed on for its preprocessing."""
+    weights = tmp_path / "backbone.pth"
+    if not moved:
+        weights.write_bytes(b"")
+    trained, asked = nn.Linear(3, 2), []
+
+    def build(model_cfg):
+        asked.append(model_cfg["backbone"]["weights"])
+        return nn.Linear(3, 2)
+
+    torch.save({"model": trained.state_dict()}, tmp_path / "last.pth")
+    model = build_trained_model(build, {"backbone": {"weights": str(weights)}}, tmp_path / "last.pth")
+    assert asked == [None if moved else str(weights)]
+    assert torch.equal(model.weight, trained.weight) and torch.equal(model.bias, trained.bias)
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path):

@@ -27,13 +27,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from detection.build import DEFAULT_CONFIG  # noqa: E402
 from detection.datasets import ImageRecord  # noqa: E402
 from detection.error_analysis import analyze_errors  # noqa: E402
 from detection.evaluation import CocoEvaluator  # noqa: E402
 from detection.report import confusion_matrix, write_detection_report  # noqa: E402
 from engine.config import load_config  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 WIDTH, HEIGHT = 640, 480
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detection.build import prepare_synthetic as prepare_detection_demo  # noqa: E402
-from detection.predictor import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
+from detection.build import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
 from detection.report import write_detection_browse  # noqa: E402
 from engine.config import ConfigError, config_or_exit  # noqa: E402
 from predict import load_task_config  # noqa: E402
 from segmentation.build import prepare_synthetic as prepare_segmentation_demo  # noqa: E402
-from segmentation.predictor import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
+from segmentation.build import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
 from segmentation.report import write_segmentation_browse  # noqa: E402
 
 

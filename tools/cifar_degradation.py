@@ -30,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import train_cls  # noqa: E402
 import transfer  # noqa: E402
-from engine.config import load_config  # noqa: E402
+from engine.config import CONFIGS_DIR, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "cls" / "tiny32_cifar_style.yaml"
+DEFAULT_CONFIG = CONFIGS_DIR / "cls" / "tiny32_cifar_style.yaml"
 DEFAULT_NETS = ("plain20", "plain56", "resnet20", "resnet56")
 RUN_LOG = "runs.log"
 

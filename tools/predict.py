@@ -37,12 +37,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detection import Predictor as DetectionPredictor  # noqa: E402
-from detection.predictor import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
+from detection.build import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
 from engine.images import DatasetError, as_rgb_array  # noqa: E402
 from segmentation import Predictor as SegmentationPredictor  # noqa: E402
 from segmentation.palette import overlay, save_palette_png  # noqa: E402
-from segmentation.predictor import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
+from segmentation.build import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 GLOB_CHARS = set("*?[")

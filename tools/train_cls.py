@@ -29,6 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from backbones import save_backbone  # noqa: E402
+from classification.build import DEFAULT_CONFIG  # noqa: E402
 from classification.datasets import build_cls_dataset, validate_dataset  # noqa: E402
 from classification.metrics import AccuracyMeter  # noqa: E402
 from classification.model import build_classifier  # noqa: E402
@@ -43,8 +44,6 @@ from engine.loop import TrainingLoop, amp_dtype, autocast, eval_loader  # noqa: 
 from engine.output import HISTORY, plot_history  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
 from engine.run_lock import lock_output_dir  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cls" / "default.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:

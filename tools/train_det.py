@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.build import build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
+from detection.build import DEFAULT_CONFIG, build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
 from detection.datasets import collate, validate_records  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector  # noqa: E402
@@ -34,8 +34,6 @@ from engine.distributed import cleanup, init_distributed, is_main_process, main_
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
 from engine.run_lock import lock_output_dir  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:

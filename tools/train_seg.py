@@ -27,14 +27,12 @@ from engine.distributed import cleanup, init_distributed, is_main_process, main_
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
 from engine.run_lock import lock_output_dir  # noqa: E402
-from segmentation.build import build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
+from segmentation.build import DEFAULT_CONFIG, build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
 from segmentation.evaluation import SegmentationEvaluator  # noqa: E402
 from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model, segmentation_loss  # noqa: E402
 from segmentation.report import write_segmentation_report  # noqa: E402
 from segmentation.transforms import build_seg_transforms  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "seg" / "default.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:

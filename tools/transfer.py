@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import train_cls  # noqa: E402
 import train_det  # noqa: E402
 from backbones.build import backbone_names  # noqa: E402
-from engine.config import ConfigError, config_or_exit, load_config  # noqa: E402
+from engine.config import CONFIGS_DIR, ConfigError, config_or_exit, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 from engine.stats import compare, summarize  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "transfer" / "default.yaml"
+DEFAULT_CONFIG = CONFIGS_DIR / "transfer" / "default.yaml"
 METRICS = "metrics.json"
 WALL_TIME = "wall_time.json"  # written by this script next to a stage's metrics.json
 STAGE_LOG = "stages.log"
