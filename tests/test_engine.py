@@ -19,7 +19,7 @@ from torch import nn
 
 from engine import distributed, random_state
 from engine.checkpoint import load_checkpoint, save_checkpoint, start_run
-from engine.config import ConfigError, load_config, parse_args, save_config
+from engine.config import CONFIGS_DIR, ConfigError, load_config, load_task_config, parse_args, save_config
 from engine.output import RunOutput, plot_history
 from engine.sampling import EpochBatches
 from engine.schedule import build_lr_scheduler, build_sgd
@@ -467,3 +467,17 @@ def test_sync_bn_converts_heads_too_but_not_frozen_statistics():
     assert res5_norms and all(isinstance(m, EvalBatchNorm2d) and not m.training for m in res5_norms)
     det = convert_sync_batchnorm(det).train()
     assert all(type(m) is EvalBatchNorm2d for m in det.roi_heads.box_head.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_the_task_of_a_config_is_the_one_schema_it_fits(tmp_path):
+    tasks = {"detection": CONFIGS_DIR / "det" / "default.yaml", "segmentation": CONFIGS_DIR / "seg" / "default.yaml"}
+    task, cfg = load_task_config(CONFIGS_DIR / "seg" / "default.yaml", tasks)
+    assert task == "segmentation" and "crop_size" in cfg.data
+    assert load_task_config(CONFIGS_DIR / "det" / "default.yaml", tasks)[0] == "detection"
+    neither = tmp_path / "neither.yaml"
+    neither.write_text("nonsense: 1\n")
+    with pytest.raises(ConfigError, match=r"neither\.yaml is neither a detection nor a segmentation config\nas detection: "):
+        load_task_config(neither, tasks)
+    twins = {"detection": tasks["detection"], "a copy": tasks["detection"]}
+    with pytest.raises(ConfigError, match=r"default\.yaml fits both the detection and the a copy schema: use the run's"):
+        load_task_config(CONFIGS_DIR / "det" / "default.yaml", twins)

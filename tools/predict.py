@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from detection import Predictor as DetectionPredictor  # noqa: E402
 from detection.build import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import ConfigError, load_task_config  # noqa: E402
 from engine.images import DatasetError, as_rgb_array  # noqa: E402
 from segmentation import Predictor as SegmentationPredictor  # noqa: E402
 from segmentation.palette import overlay, save_palette_png  # noqa: E402
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     if (out / "predictions.json").exists() and not args.overwrite:
         parser.error(f"{out} already holds predictions.json from an earlier run: pass --overwrite or another --out")
     try:
-        task, cfg = load_task_config(args.config)
+        task, cfg = load_task_config(args.config, {"detection": DET_DEFAULT, "segmentation": SEG_DEFAULT})
     except (ConfigError, FileNotFoundError) as error:
         parser.error(str(error))
 
@@ -131,22 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{task}: {len(entries)} images, {len(predictions)} predictions written to {out}")
     return {"task": task, "out": out, "images": len(entries), "predictions": len(predictions),
             "unreadable": unreadable}
-
-
-def load_task_config(path: Path) -> tuple[str, object]:
-    """(task, config): a config fits one tool's schema only (detection has model.rpn / roi, data.min_size;
-    segmentation model.output_stride, data.crop_size), so the one that loads tells the task."""
-    loaded, errors = {}, []
-    for task, default in (("detection", DET_DEFAULT), ("segmentation", SEG_DEFAULT)):
-        try:
-            loaded[task] = load_config(default, path)
-        except ConfigError as error:
-            errors.append(f"as {task}: {error}")
-    if len(loaded) == 1:
-        return next(iter(loaded.items()))
-    if not loaded:
-        raise ConfigError(f"{path} is neither a detection nor a segmentation config\n" + "\n".join(errors))
-    raise ConfigError(f"{path} fits both the detection and the segmentation schema: use the run's config.yaml")
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
