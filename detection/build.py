@@ -106,6 +106,14 @@ def _load_all(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], l
     return records, class_names, None
 
 
+def check_classes(num_classes: int, class_names: list[str], val_class_names: list[str]) -> None:
+    """Both splits must name the same classes, as many as the model predicts, or a label index means different
+    classes in training and evaluation (or training dies on an out-of-range label)."""
+    if class_names != val_class_names or len(class_names) != num_classes:
+        raise ValueError(f"model.num_classes={num_classes} but the data has {len(class_names)} "
+                         f"classes {class_names} (val: {len(val_class_names)})")
+
+
 def build_dataset(data: Mapping[str, Any], records: Sequence[ImageRecord], train: bool,
                   report_dir: str | Path | None = None) -> DetectionDataset:
     """The split's dataset with its transform; an image that fails to decode mid-run is skipped and listed in

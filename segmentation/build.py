@@ -61,6 +61,6 @@ def check_classes(num_classes: int, *datasets: SegmentationDataset) -> None:
             raise ValueError(f"train and val classes differ: {datasets[0].class_names} vs {dataset.class_names}")
 
 
-def first(dataset: SegmentationDataset, limit: int | None) -> Subset:
+def limit_samples(dataset: SegmentationDataset, limit: int | None) -> Subset:
     """The first `limit` samples (`data.val_limit`; None: all)."""
     return Subset(dataset, range(len(dataset) if limit is None else min(limit, len(dataset))))

@@ -23,7 +23,8 @@ from engine.distributed import cleanup, init_distributed, is_main_process  # noq
 from engine.loop import amp_dtype, eval_loader  # noqa: E402
 from engine.output import jsonable  # noqa: E402
 from engine.trained import build_trained_model  # noqa: E402
-from segmentation.build import DEFAULT_CONFIG, build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
+from segmentation.build import (DEFAULT_CONFIG, build_dataset, check_classes, limit_samples,  # noqa: E402
+                                prepare_synthetic)
 from segmentation.evaluation import SegmentationEvaluator  # noqa: E402
 from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     prepare_synthetic(cfg.data)
     val_set = build_dataset(cfg.data, "val")
     check_classes(cfg.model.num_classes, val_set)
-    loader = eval_loader(first(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)
+    loader = eval_loader(limit_samples(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)
     model = build_trained_model(build_segmentation_model, cfg.model, args.checkpoint).to(device)
     evaluator = SegmentationEvaluator(len(val_set.class_names), class_names=val_set.class_names)
     metrics = evaluate(model, loader, val_set.class_names, device, scales=cfg.eval.scales, flip=cfg.eval.flip,

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.build import DEFAULT_CONFIG, build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
+from detection.build import (DEFAULT_CONFIG, build_dataset, build_evaluator, check_classes, load_split,  # noqa: E402
+                             prepare_synthetic)
 from detection.datasets import collate, validate_records  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
 from detection.models import build_detector  # noqa: E402
@@ -57,9 +58,7 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
             prepare_synthetic(cfg.data)
     train_records, class_names, _ = load_split(cfg.data, "train")
     val_records, val_class_names, cat_ids = load_split(cfg.data, "val")
-    if class_names != val_class_names or len(class_names) != cfg.model.num_classes:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has {len(class_names)} "
-                         f"classes {class_names} (val: {len(val_class_names)})")
+    check_classes(cfg.model.num_classes, class_names, val_class_names)
     train_records, val_records = (validate_records(records, split=split, validate=cfg.data.validate,  # every rank
                                                    skip_invalid=cfg.data.skip_invalid, report_dir=cfg.output_dir)
                                   for records, split in ((train_records, "train"), (val_records, "val")))

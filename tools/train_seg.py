@@ -27,7 +27,8 @@ from engine.distributed import cleanup, init_distributed, is_main_process, main_
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
 from engine.run_lock import lock_output_dir  # noqa: E402
-from segmentation.build import DEFAULT_CONFIG, build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
+from segmentation.build import (DEFAULT_CONFIG, build_dataset, check_classes, limit_samples,  # noqa: E402
+                                prepare_synthetic)
 from segmentation.evaluation import SegmentationEvaluator  # noqa: E402
 from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model, segmentation_loss  # noqa: E402
@@ -61,7 +62,7 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     for dataset, split in ((train_set, "train"), (val_set, "val")):  # on every rank: each checks its share
         dataset.validate(split=split, validate=cfg.data.validate, skip_invalid=cfg.data.skip_invalid,
                          report_dir=cfg.output_dir)
-    val_loader = eval_loader(first(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)  # full-size images
+    val_loader = eval_loader(limit_samples(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)  # full-size images
 
     # --- model, the loss of one step, the evaluation
     model = build_segmentation_model(cfg.model).to(device)
