@@ -25,7 +25,7 @@ from .inference import detect, to_original_size
 from .fast import optimize_for_inference
 from .models import build_detector
 from .quantize import calibration_batches, quantize_int8
-from .synthetic import CLASSES as SHAPES_CLASSES
+from .synthetic import SHAPES_CLASSES
 from .transforms import build_det_transforms
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 
 from engine.images import DatasetError, image_to_tensor, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
 from engine.validation import FileCheck, validate_files, validation_mode
-from segmentation.palette import VOC_CLASSES, VOID
+from segmentation.palette import VOC_SEG_CLASSES, VOID
 
 IMAGE_SUFFIXES = (".jpg", ".png")
 """Image files are looked up by stem in this order (VOC ships .jpg; the synthetic set writes .png)."""
@@ -185,11 +185,11 @@ class VOCSegmentation(SegmentationDataset):
         root: str | Path,
         split: str,
         transform: A.Compose | None = None,
-        num_classes: int = len(VOC_CLASSES),
+        num_classes: int = len(VOC_SEG_CLASSES),
         class_names: Sequence[str] | None = None,
     ) -> None:
-        if class_names is None and num_classes == len(VOC_CLASSES):
-            class_names = VOC_CLASSES
+        if class_names is None and num_classes == len(VOC_SEG_CLASSES):
+            class_names = VOC_SEG_CLASSES
         super().__init__(load_voc_segmentation(root, split), num_classes, class_names, transform)
 
 

@@ -23,8 +23,8 @@ from .build import DEFAULT_CONFIG
 from .datasets import COCO_TO_VOC
 from .evaluation import multiscale_flip_inference
 from .models import build_segmentation_model
-from .palette import VOC_CLASSES
-from .synthetic import SHAPES_CLASSES
+from .palette import VOC_SEG_CLASSES
+from .synthetic import SHAPES_SEG_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
     annotation json (all categories by id, or the VOC subset: ids = COCO ids, 0 for background)."""
     data, num_classes = cfg.data, cfg.model.num_classes
     if data.format == "coco" and data.class_mapping == "coco_to_voc":
-        names = list(data.class_names or VOC_CLASSES)
+        names = list(data.class_names or VOC_SEG_CLASSES)
         voc_to_coco = {index: cat for cat, index in COCO_TO_VOC.items()}
         ids = [voc_to_coco.get(k, 0) for k in range(len(names))]
     elif data.format == "coco":
@@ -62,7 +62,7 @@ def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
             ids = [0] + [int(c["id"]) for c in categories]
         names = list(data.class_names or names)
     else:
-        names = list(data.class_names or (SHAPES_CLASSES if data.synthetic.enabled is True else VOC_CLASSES))
+        names = list(data.class_names or (SHAPES_SEG_CLASSES if data.synthetic.enabled is True else VOC_SEG_CLASSES))
         ids = list(range(len(names)))
     if len(names) != num_classes:
         raise ValueError(f"model.num_classes={num_classes} but the data config names {len(names)} classes {names}")
