@@ -220,7 +220,7 @@ def hardware() -> dict[str, Any]:
             "opencv": cv2.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def measure_pipelines(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     data = Path(args.data)
@@ -324,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    result = run(args)
+    result = measure_pipelines(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimize_for_inference(model, compile=args.compile)
     model.to(device)
 
-    def run(scales: list[float], flip: bool) -> tuple[dict, CocoEvaluator]:
+    def evaluate_at(scales: list[float], flip: bool) -> tuple[dict, CocoEvaluator]:
         if args.coco91:
             evaluator = CocoEvaluator(cfg.data.val.annotations, list(range(1, 91)), backend=cfg.eval.backend)
         else:
@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         return metrics, evaluator
 
     tta = list(cfg.eval.scales) != [1.0] or cfg.eval.flip
-    metrics, evaluator = run(list(cfg.eval.scales), cfg.eval.flip)
+    metrics, evaluator = evaluate_at(list(cfg.eval.scales), cfg.eval.flip)
     if tta:
-        single, _ = run([1.0], False)
+        single, _ = evaluate_at([1.0], False)
         if is_main_process():
             key = "AP" if "AP" in metrics else "mAP"
             metrics["tta"] = {"scales": list(cfg.eval.scales), "flip": cfg.eval.flip, "metric": key,
