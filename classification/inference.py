@@ -1,4 +1,4 @@
-"""Evaluating a classifier on a loader: top-1 / top-5 over all ranks."""
+"""Evaluating a classifier on a loader: top-1 / top-5 over all ranks, and the printed summary."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +29,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     counts = all_reduce_sum(torch.tensor([*meter.correct.values(), meter.total], device=device)).tolist()
     meter.correct, meter.total = dict(zip(meter.ks, counts[:-1])), counts[-1]
     return meter.compute()
+
+
+def report(metrics: dict, num_val: int) -> None:
+    """The val top-1 / top-5 and the last epoch's train top-1 (None: n/a), on one line."""
+    train = f"{metrics['train_top1']:.2f}%" if metrics["train_top1"] is not None else "n/a"
+    print(f"val top-1 = {metrics['top1']:.2f}% (error {100 - metrics['top1']:.2f}%)   top-5 = {metrics['top5']:.2f}%   "
+          f"on {num_val} images;   train top-1 (last epoch) = {train}")

@@ -13,7 +13,6 @@ Figure 4), metrics.json (val top1 / top5 and the last epoch's train_top1, in per
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from argparse import Namespace
@@ -28,7 +27,7 @@ from backbones import save_backbone  # noqa: E402
 from classification.build import (DEFAULT_CONFIG, build_dataset, check_classes, limit_samples,  # noqa: E402
                                   prepare_synthetic)
 from classification.datasets import validate_dataset  # noqa: E402
-from classification.inference import evaluate  # noqa: E402
+from classification.inference import evaluate, report  # noqa: E402
 from classification.models import build_classifier  # noqa: E402
 from classification.transforms import build_cls_transforms  # noqa: E402
 from engine.checkpoint import start_run  # noqa: E402
@@ -36,7 +35,7 @@ from engine.config import parse_args  # noqa: E402
 from engine.demo_data import resolve_demo_data  # noqa: E402
 from engine.distributed import cleanup, init_distributed, is_main_process, main_process_first  # noqa: E402
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
-from engine.output import HISTORY, plot_history  # noqa: E402
+from engine.output import HISTORY, last_logged_value, plot_history  # noqa: E402
 from engine.random_state import seed_everything  # noqa: E402
 from engine.run_lock import lock_output_dir  # noqa: E402
 
@@ -92,29 +91,17 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     metrics = loop.evaluate_only() if args.eval_only else loop.run()
     if is_main_process() and not args.eval_only:
         out = Path(cfg.output_dir)
-        metrics["train_top1"] = _last_value(out / HISTORY, "train/epoch_top1")
+        metrics["train_top1"] = last_logged_value(out / HISTORY, "train/epoch_top1")
         loop.output.write_metrics(metrics)
         save_backbone(model.backbone, out / "backbone.pth", name=cfg.model.backbone.name,
                       stride_in_1x1=bool(cfg.model.backbone.options.get("stride_in_1x1", False)))
         plot_history(out / HISTORY, ["train/error", "val/error"], out / "curves.png",
                      title=f"{cfg.model.backbone.name}: error (%)")
-        _report(metrics, len(val_set), out, time.time() - start)
+        report(metrics, len(val_set))
+        print(f"metrics written to {out / 'metrics.json'}, backbone to {out / 'backbone.pth'}; "
+              f"wall time {(time.time() - start) / 60:.1f} min")
     cleanup()
     return metrics
-
-
-def _last_value(history: Path, key: str) -> float | None:
-    records = [json.loads(line) for line in history.read_text().splitlines() if line] if history.is_file() else []
-    values = [r[key] for r in records if r.get(key) is not None]
-    return values[-1] if values else None
-
-
-def _report(metrics: dict, num_val: int, output_dir: Path, seconds: float) -> None:
-    train = f"{metrics['train_top1']:.2f}%" if metrics["train_top1"] is not None else "n/a"
-    print(f"val top-1 = {metrics['top1']:.2f}% (error {100 - metrics['top1']:.2f}%)   top-5 = {metrics['top5']:.2f}%   "
-          f"on {num_val} images;   train top-1 (last epoch) = {train}")
-    print(f"metrics written to {output_dir / 'metrics.json'}, backbone to {output_dir / 'backbone.pth'}; "
-          f"wall time {seconds / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl,
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from argparse import Namespace
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from detection.build import (DEFAULT_CONFIG, build_dataset, build_evaluator, check_classes, load_split,  # noqa: E402
                              prepare_synthetic)
 from detection.datasets import collate, validate_records  # noqa: E402
-from detection.inference import evaluate  # noqa: E402
+from detection.inference import evaluate, report  # noqa: E402
 from detection.models import build_detector  # noqa: E402
 from detection.report import write_detection_report  # noqa: E402
 from detection.samplers import GroupedBatchSampler, aspect_ratio_groups  # noqa: E402
@@ -99,18 +98,10 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
                                           records=val_records, run_dir=cfg.output_dir,
                                           gallery_size=cfg.eval.report_images)
             print(f"evaluation report: {page}")
-        report(metrics, cfg.output_dir, time.time() - start)
+        report(metrics)
+        print(f"metrics written to {cfg.output_dir}; wall time {(time.time() - start) / 60:.1f} min")
     cleanup()
     return metrics
-
-
-def report(metrics: dict, output_dir: str, seconds: float) -> None:
-    if "AP" in metrics:
-        print(f"COCO-style mAP@[.5:.95] = {metrics['AP']:.3f}   AP50 = {metrics['AP50']:.3f}   AP75 = {metrics['AP75']:.3f}")
-    else:
-        print(f"VOC mAP = {metrics['mAP']:.3f}")
-        print(json.dumps(metrics["AP_per_class"], indent=1))
-    print(f"metrics written to {output_dir}; wall time {seconds / 60:.1f} min")
 
 
 if __name__ == "__main__":
