@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torchvision.ops import box_convert
+from torchvision.utils import draw_bounding_boxes
 
 from engine.images import ImageInput, as_rgb_array, image_to_tensor
 from engine.trained import build_trained_model, load_run_config
@@ -44,6 +46,24 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO results {image_id, category_id, bbox [x, y, w, h], score}, at full precision: rounding would
+        reorder near-tied scores and move AP off the run's own evaluation."""
+        xywh = box_convert(torch.from_numpy(self.boxes).double(), "xyxy", "xywh").tolist()
+        return [{"image_id": image_id, "category_id": int(c), "bbox": box, "score": float(s)}
+                for box, s, c in zip(xywh, self.scores, self.category_ids)]
+
+    def drawn_on(self, image: np.ndarray, threshold: float) -> np.ndarray:
+        """`image` (HxWx3 uint8) with the boxes scoring >= threshold, labelled "name score" (torchvision's
+        drawing utility)."""
+        keep = np.flatnonzero(self.scores >= threshold)
+        if not len(keep):
+            return image
+        drawn = draw_bounding_boxes(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(self.boxes[keep]),
+                                    labels=[f"{self.names[i]} {self.scores[i]:.2f}" for i in keep],
+                                    colors="orange", width=2)
+        return drawn.permute(1, 2, 0).numpy()
 
 
 def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from pycocotools import mask as mask_utils
 
 from backbones import fold_batchnorm
 from engine.images import ImageInput, as_rgb_array, image_to_tensor
@@ -39,6 +40,20 @@ class Segmentation:
     confidence: np.ndarray
     class_names: list[str]
     category_ids: list[int]
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """One RLE per predicted class (background, index 0, left out), as COCO's stuff-segmentation results,
+        scored by the class's mean confidence."""
+        results = []
+        for index in np.unique(self.mask).tolist():
+            if index == 0:
+                continue
+            region = self.mask == index
+            rle = mask_utils.encode(np.asfortranarray(region.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append({"image_id": image_id, "category_id": self.category_ids[index], "segmentation": rle,
+                            "score": round(float(self.confidence[region].mean()), 5)})
+        return results
 
 
 def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
