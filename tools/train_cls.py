@@ -30,29 +30,18 @@ from classification.datasets import validate_dataset  # noqa: E402
 from classification.inference import evaluate, report  # noqa: E402
 from classification.models import build_classifier  # noqa: E402
 from classification.transforms import build_cls_transforms  # noqa: E402
-from engine.checkpoint import start_run  # noqa: E402
-from engine.config import parse_args  # noqa: E402
-from engine.demo_data import resolve_demo_data  # noqa: E402
-from engine.distributed import cleanup, init_distributed, is_main_process, main_process_first  # noqa: E402
+from engine.distributed import cleanup, is_main_process, main_process_first  # noqa: E402
+from engine.launch import run_training_tool, start_training  # noqa: E402
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
 from engine.output import HISTORY, last_logged_value, plot_history  # noqa: E402
-from engine.random_state import seed_everything  # noqa: E402
-from engine.run_lock import lock_output_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    start = time.time()
-    args, cfg = parse_args(__doc__, DEFAULT_CONFIG, argv)
-    resolve_demo_data(cfg, args)
-    with lock_output_dir(cfg.output_dir):  # one writer per run folder, taken before anything is written
-        return train(args, cfg, start)
+    return run_training_tool(__doc__, DEFAULT_CONFIG, argv, train)
 
 
 def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
-    checkpoint = start_run(cfg.output_dir, cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
-    rank, _, device = init_distributed(cfg.device)
-    amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read
-    seed_everything(cfg.train.seed, rank)
+    checkpoint, device = start_training(args, cfg)
 
     # --- data: both splits must agree on the class list, or label indices silently mean different classes
     train_tf = build_cls_transforms(True, image_size=cfg.data.image_size, recipe=cfg.data.recipe)
