@@ -39,8 +39,9 @@ def tiny_imagenet_subset(root: Path, num_classes: int, parent: Path, fmt: str) -
 
 def run_stage(tool_main: Callable[[list[str]], dict], argv: list[str], stage_dir: Path, out: Path, start: float,
               ran: list[str], *, tag: str = "transfer", log_name: str = STAGE_LOG) -> tuple[dict, float | None]:
-    """Run one training entry point (`tool_main(argv)`, e.g. train_cls.main) into `stage_dir` unless its metrics.json exists (resuming it when it holds a
-    checkpoint); return (metrics, wall seconds of the run). Progress lines go to stdout and `out/log_name`."""
+    """Run one training entry point (`tool_main(argv)`, e.g. train_cls.main) into `stage_dir` unless its
+    metrics.json exists (resuming it when it holds a checkpoint); return (metrics, wall seconds of the run).
+    Progress lines go to stdout and `out/log_name`."""
     def log(line: str) -> None:
         line = f"[{tag} {format_duration(time.time() - start)}] {stage_dir.relative_to(out)}: {line}"
         print(line, flush=True)

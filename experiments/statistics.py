@@ -82,6 +82,13 @@ def compare(a: Sequence[float | None], b: Sequence[float | None], *, higher_is_b
     return Comparison(diff, float(low), float(high), held)
 
 
+def experiment_record(metric: str, higher_is_better: bool, runs: list[tuple[str, int, float | None]]) -> dict:
+    """An experiment in docs/reproduction.json's schema from (condition, seed, value) runs; None values (a run
+    that did not report the metric) are left out."""
+    return {"metric": metric, "higher_is_better": higher_is_better,
+            "runs": [{"condition": c, "seed": s, "value": v} for c, s, v in runs if v is not None]}
+
+
 def condition_values(experiment: dict, condition: str) -> list[float]:
     """The values of one condition's runs, in run order."""
     return [run["value"] for run in experiment["runs"] if run["condition"] == condition]

@@ -33,7 +33,8 @@ from engine.config import CONFIGS_DIR, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 from experiments.figures import plot_degradation  # noqa: E402
 from experiments.stages import format_duration, run_stage, tiny_imagenet_subset  # noqa: E402
-from experiments.statistics import compare_pairs, condition_statistics, statistics_markdown  # noqa: E402
+from experiments.statistics import (compare_pairs, condition_statistics, experiment_record,  # noqa: E402
+                                    statistics_markdown)
 
 DEFAULT_CONFIG = CONFIGS_DIR / "cls" / "tiny32_cifar_style.yaml"
 DEFAULT_NETS = ("plain20", "plain56", "resnet20", "resnet56")
@@ -70,9 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "history": str(run_dir / HISTORY)})
 
     experiments = {
-        "cifar_degradation_train_error": _experiment("final training error (%, last epoch, augmented crops)",
-                                                     runs, "train_error"),
-        "cifar_test_error": _experiment("final test error (%)", runs, "test_error"),
+        "cifar_degradation_train_error": experiment_record(
+            "final training error (%, last epoch, augmented crops)", False,
+            [(r["net"], r["seed"], r["train_error"]) for r in runs]),
+        "cifar_test_error": experiment_record("final test error (%)", False,
+                                              [(r["net"], r["seed"], r["test_error"]) for r in runs]),
     }
     summary_rows = condition_statistics(experiments)
     comparison_rows = compare_pairs(experiments, [(name, a, b) for name in experiments
@@ -104,11 +107,6 @@ def orderings(nets: list[str]) -> list[tuple[str, str]]:
     pairs += [(b, a) for a, b in zip(resnet, resnet[1:])]
     pairs += [(r, f"plain{depth[r]}") for r in resnet if f"plain{depth[r]}" in nets]
     return pairs
-
-
-def _experiment(metric: str, runs: list[dict], key: str) -> dict:
-    return {"metric": metric, "higher_is_better": False,
-            "runs": [{"condition": r["net"], "seed": r["seed"], "value": r[key]} for r in runs if r[key] is not None]}
 
 
 if __name__ == "__main__":
