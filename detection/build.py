@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from engine.config import CONFIGS_DIR
 from engine.demo_data import prepare_demo_data
 from engine.validation import InvalidFiles
 
@@ -22,6 +23,7 @@ from .transforms import build_det_transforms
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CONFIG = CONFIGS_DIR / "det" / "default.yaml"  # the detection schema: every det config overrides it
 FORMATS = ("coco", "voc")
 METRICS = ("coco", "voc07", "voc12")
 
@@ -103,12 +105,19 @@ def _load_all(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], l
     return records, class_names, None
 
 
+def check_classes(num_classes: int, class_names: list[str], val_class_names: list[str]) -> None:
+    """Both splits must name the same classes, as many as the model predicts, or a label index means different
+    classes in training and evaluation (or training dies on an out-of-range label)."""
+    if class_names != val_class_names or len(class_names) != num_classes:
+        raise ValueError(f"model.num_classes={num_classes} but the data has {len(class_names)} "
+                         f"classes {class_names} (val: {len(val_class_names)})")
+
+
 def build_dataset(data: Mapping[str, Any], records: Sequence[ImageRecord], train: bool,
                   report_dir: str | Path | None = None) -> DetectionDataset:
     """The split's dataset with its transform; an image that fails to decode mid-run is skipped and listed in
     `report_dir/invalid_<split>.txt` with `data.skip_invalid`, else stops the run naming it."""
-    sizes = list(data["min_size"]) if not isinstance(data["min_size"], int) else [data["min_size"]]
-    transform = build_det_transforms(train, sizes if train else max(sizes), data["max_size"], flip_prob=data["flip_prob"])
+    transform = build_det_transforms(train, data["min_size"], data["max_size"], flip_prob=data["flip_prob"])
     report = Path(report_dir) / f"invalid_{'train' if train else 'val'}.txt" if report_dir is not None else None
     return DetectionDataset(records, transform, invalid=InvalidFiles(data["skip_invalid"], report),
                             replace_skipped=train)

@@ -177,13 +177,6 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
-def _class_ap(detections: list[Detection], gt: dict[int, tuple[torch.Tensor, np.ndarray]], use_07_metric: bool,
-              iou_threshold: float = 0.5) -> float:
-    """VOC AP of one class (nan without non-difficult ground truth); see `_class_pr`."""
-    curve = _class_pr(detections, gt, iou_threshold)
-    return math.nan if curve is None else voc_ap(*curve, use_07_metric)
-
-
 def _class_pr(detections: list[Detection], gt: dict[int, tuple[torch.Tensor, np.ndarray]],
               iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray] | None:
     """(recall, precision) down the ranked detections of one class, None without non-difficult ground truth.

@@ -19,10 +19,11 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
 from backbones import fold_batchnorm
-from engine.trained import load_run_config, load_trained_weights, model_config_for_inference
+from engine.trained import build_trained_model, load_run_config
 
+from .build import DEFAULT_CONFIG
 from .models import build_detector
-from .predictor import DEFAULT_CONFIG, test_resize_sides
+from .predictor import test_resize_sides
 
 CONFIDENT = 0.3
 """`compare_detections`: every detection scoring at least this on one side must be found on the other..."""
@@ -119,8 +120,7 @@ class ExportableDetector(nn.Module):
 def build_exportable_detector(config: str | Path | DictConfig, checkpoint: str | Path) -> ExportableDetector:
     """A run's detector with its weights, BatchNorms folded, and the run's test resize inside, in eval mode."""
     cfg = load_run_config(config, DEFAULT_CONFIG)
-    model = build_detector(model_config_for_inference(cfg.model))
-    load_trained_weights(model, checkpoint)
+    model = build_trained_model(build_detector, cfg.model, checkpoint)
     return ExportableDetector(fold_batchnorm(model.eval()), *test_resize_sides(cfg.data)).eval()
 
 

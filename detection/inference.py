@@ -1,7 +1,10 @@
-"""Running a detector over a loader and scoring it, gathered across processes; test-time augmentation."""
+"""Running a detector over a loader and scoring it, gathered across processes; test-time augmentation; the
+printed summary."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,3 +84,12 @@ def evaluate(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluator | VO
     for predictions in gathered[1:]:
         evaluator.extend(predictions)
     return evaluator.compute()
+
+
+def report(metrics: Mapping[str, Any]) -> None:
+    """COCO's three headline APs, or the VOC mAP with the AP of each class."""
+    if "AP" in metrics:
+        print(f"COCO-style mAP@[.5:.95] = {metrics['AP']:.3f}   AP50 = {metrics['AP50']:.3f}   AP75 = {metrics['AP75']:.3f}")
+    else:
+        print(f"VOC mAP = {metrics['mAP']:.3f}")
+        print(json.dumps(metrics["AP_per_class"], indent=1))

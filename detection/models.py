@@ -13,7 +13,6 @@ adapter from our named stages.
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -27,7 +26,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from backbones import Backbone, Preprocessing, build_backbone
 from backbones.build import RESNETS, VGGS
-from engine.trained import load_trained_weights
 
 from .roi_align import MultiScaleRoIAlign  # torchvision's, with a multi-threaded backward on the CPU
 
@@ -174,9 +172,3 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
         model.roi_heads.box_roi_pool = SingleLevelRoIPool("conv5", 7, stride=body.output_shape()["conv5"].stride)
     model.transform = NormalizeOnlyTransform(body.preprocessing, size_divisible=body.size_divisibility)
     return model
-
-
-def load_detector_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """ResDet checkpoints keep the model under "model"; torchvision's files are the bare state dict. A file that
-    cannot be read or does not fit is a CheckpointError naming it."""
-    load_trained_weights(model, checkpoint)

@@ -15,21 +15,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torchvision.ops import box_convert
+from torchvision.utils import draw_bounding_boxes
 
 from engine.images import ImageInput, as_rgb_array, image_to_tensor
-from engine.trained import load_run_config, load_trained_weights, model_config_for_inference
+from engine.trained import build_trained_model, load_run_config
 
+from .build import DEFAULT_CONFIG
 from .datasets import VOC_CLASSES
 from .inference import detect, to_original_size
 from .fast import optimize_for_inference
 from .models import build_detector
 from .quantize import calibration_batches, quantize_int8
-from .synthetic import CLASSES as SHAPES_CLASSES
+from .synthetic import SHAPES_CLASSES
 from .transforms import build_det_transforms
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
 
 @dataclass
@@ -45,6 +46,24 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO results {image_id, category_id, bbox [x, y, w, h], score}, at full precision: rounding would
+        reorder near-tied scores and move AP off the run's own evaluation."""
+        xywh = box_convert(torch.from_numpy(self.boxes).double(), "xyxy", "xywh").tolist()
+        return [{"image_id": image_id, "category_id": int(c), "bbox": box, "score": float(s)}
+                for box, s, c in zip(xywh, self.scores, self.category_ids)]
+
+    def drawn_on(self, image: np.ndarray, threshold: float) -> np.ndarray:
+        """`image` (HxWx3 uint8) with the boxes scoring >= threshold, labelled "name score" (torchvision's
+        drawing utility)."""
+        keep = np.flatnonzero(self.scores >= threshold)
+        if not len(keep):
+            return image
+        drawn = draw_bounding_boxes(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(self.boxes[keep]),
+                                    labels=[f"{self.names[i]} {self.scores[i]:.2f}" for i in keep],
+                                    colors="orange", width=2)
+        return drawn.permute(1, 2, 0).numpy()
 
 
 def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
@@ -76,8 +95,7 @@ def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
 def test_resize_sides(data: DictConfig) -> tuple[int, int]:
     """(shortest, longest) of the run's test resize: the largest `data.min_size`, capped by `data.max_size`
     (the Predictor's and test_det.py's transform, and the exported models' in-graph resize)."""
-    sizes = [data.min_size] if isinstance(data.min_size, int) else list(data.min_size)
-    return max(sizes), data.max_size
+    return max(data.min_size), data.max_size
 
 
 class Predictor:
@@ -99,8 +117,7 @@ class Predictor:
         self.cfg = load_run_config(config, DEFAULT_CONFIG)
         self.device = torch.device(device)
         self.class_names, self.category_ids = label_space(self.cfg)
-        model = build_detector(model_config_for_inference(self.cfg.model))
-        load_trained_weights(model, checkpoint)
+        model = build_trained_model(build_detector, self.cfg.model, checkpoint)
         if score_thresh is not None:
             model.roi_heads.score_thresh = score_thresh
         model.eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-CLASSES = ("circle", "square", "triangle")  # COCO category ids 1, 2, 3
+SHAPES_CLASSES = ("circle", "square", "triangle")  # COCO category ids 1, 2, 3
 _VERSION = 1  # bump when the drawing changes, so old DONE.json markers no longer match
 
 
@@ -48,9 +48,9 @@ def _image(rng: np.random.Generator, height: int, width: int, max_objects: int) 
                 break
         else:
             continue
-        category = int(rng.integers(len(CLASSES)))
+        category = int(rng.integers(len(SHAPES_CLASSES)))
         mask = np.zeros((height, width), dtype=np.uint8)
-        _draw(mask, CLASSES[category], x, y, size)
+        _draw(mask, SHAPES_CLASSES[category], x, y, size)
         colour = (image[y:y + size, x:x + size].mean(axis=(0, 1)) + rng.integers(80, 176, size=3)) % 256
         image[mask > 0] = colour.astype(np.uint8)
         occupied[y:y + size, x:x + size] = True
@@ -70,7 +70,7 @@ def _write_split(root: Path, split: str, count: int, rng: np.random.Generator, h
         cv2.imwrite(str(root / split / file_name), image)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         annotations += [{"id": len(annotations) + k + 1, "image_id": image_id, **a} for k, a in enumerate(anns)]
-    categories = [{"id": k, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES, start=1)]
+    categories = [{"id": k, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES_CLASSES, start=1)]
     coco = {"images": images, "annotations": annotations, "categories": categories}
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
 

@@ -185,12 +185,6 @@ def _examples(keys: list[str], count: int = 3) -> str:
     return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
 
 
-def find_resume(output_dir: str | Path) -> Path | None:
-    """``output_dir/last.pth`` if a previous run left one, else None."""
-    path = Path(output_dir) / LAST_CHECKPOINT
-    return path if path.is_file() else None
-
-
 # Keys a resumed run may change: they lengthen the run or touch evaluation, logging and loading speed only.
 SAFE_RESUME_CHANGES = ("train.epochs", "train.iters", "train.log_every", "train.checkpoint_every", "eval.",
                        "data.num_workers", "data.val_limit", "output_dir")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .config_spec import check_value, inferred_rule, load_spec
 
 BASE_KEY = "_base_"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/: every default lives there
 COMMAND_LINE = "command line"
 
 
@@ -105,6 +106,25 @@ def config_or_exit(parser: argparse.ArgumentParser, default_yaml: str | Path, ar
         return load_config(default_yaml, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         parser.error(str(err))
+
+
+def load_task_config(path: str | Path, defaults: Mapping[str, str | Path]) -> tuple[str, DictConfig]:
+    """(task, config) of a config file that fits exactly one of the tasks' schemas ({task: default yaml}): each
+    task's schema has keys the others lack (detection model.rpn, data.min_size; segmentation model.output_stride,
+    data.crop_size), so the one that loads tells the task."""
+    loaded, errors = {}, []
+    for task, default in defaults.items():
+        try:
+            loaded[task] = load_config(default, path)
+        except ConfigError as error:
+            errors.append(f"as {task}: {error}")
+    if len(loaded) == 1:
+        return next(iter(loaded.items()))
+    if not loaded:
+        tasks = " nor ".join(f"a {task}" for task in defaults)
+        raise ConfigError(f"{path} is neither {tasks} config\n" + "\n".join(errors))
+    raise ConfigError(f"{path} fits {'both ' if len(loaded) == 2 else ''}the {' and the '.join(loaded)} schema: use the "
+                      "run's config.yaml")
 
 
 def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:

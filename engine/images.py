@@ -1,4 +1,5 @@
-"""Image decoding shared by the detection and segmentation datasets, and the error bad data raises.
+"""Image decoding shared by the detection and segmentation datasets, the error bad data raises, and the images
+a prediction is asked for (files, folders, glob patterns, a COCO json's list).
 
 EXIF policy (one for images, masks and annotation sizes): pixels are used as stored, the EXIF
 orientation tag is ignored. COCO and VOC annotations are made in stored-pixel coordinates (their
@@ -8,9 +9,12 @@ rotate JPEGs by default and misalign them with their boxes and masks, so `read_i
 from __future__ import annotations
 
 import ctypes
+import glob
+import json
 import os
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -191,3 +195,38 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     for plane, channel in zip(planes, cv2.split(image)):
         np.divide(channel, np.float32(255), out=plane, dtype=np.float32)
     return tensor
+
+
+INPUT_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}  # the images of an input folder
+GLOB_CHARS = set("*?[")
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files as given, folders' images (recursively, sorted), glob patterns' matches (sorted). A path that is
+    neither is kept, so it is reported as unreadable rather than silently dropped."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_IMAGE_SUFFIXES)
+        elif not path.exists() and GLOB_CHARS & set(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            paths += [p for p in matches if p.is_file()] or [path]
+        else:
+            paths.append(path)
+    return list(dict.fromkeys(paths))  # a file named twice is predicted once
+
+
+def annotated_images(annotations: Path, folders: Sequence[str]) -> tuple[list[tuple[int, Path]], list[str]]:
+    """(image_id, path) of every image in a COCO json, found under the first folder that has it; images found
+    nowhere are returned as unreadable lines."""
+    data = json.loads(Path(annotations).read_text())
+    found, missing = [], []
+    for image in data["images"]:
+        candidates = [Path(folder) / image["file_name"] for folder in folders]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            missing.append(f"{image['file_name']} (image id {image['id']}): not found in {list(folders)}")
+        else:
+            found.append((int(image["id"]), path))
+    return found, missing

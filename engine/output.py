@@ -101,6 +101,14 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def last_logged_value(history_jsonl: str | Path, key: str) -> Any:
+    """The last non-null value of `key` in a run's history.jsonl, None without one (or without the file)."""
+    path = Path(history_jsonl)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    values = [r[key] for r in records if r.get(key) is not None]
+    return values[-1] if values else None
+
+
 def plot_history(
     history_jsonl: str | Path, keys: Sequence[str], out_png: str | Path, title: str = ""
 ) -> None:

@@ -1,8 +1,9 @@
-"""Loading a finished run (its config.yaml and last.pth) for inference, shared by the two predictors."""
+"""Loading a finished run (its config.yaml and last.pth) for inference: the one way the Predictors, export and the
+test and visualize tools load a trained model, so a run whose backbone weights file has moved loads in all of them."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +50,12 @@ def load_trained_weights(model: nn.Module, checkpoint: str | Path) -> None:
     """Fill `model` from a checkpoint (see load_model_state); one that does not fit is refused with counts and
     examples of the tensors that do not fit."""
     load_model_weights(model, load_model_state(checkpoint), checkpoint)
+
+
+def build_trained_model(build: Callable[[Mapping[str, Any]], nn.Module], model_cfg: Mapping[str, Any],
+                        checkpoint: str | Path) -> nn.Module:
+    """`build(model_cfg)` (the task's model builder) with the checkpoint's weights, on the CPU in train mode; see
+    model_config_for_inference for a backbone weights file that has moved."""
+    model = build(model_config_for_inference(model_cfg))
+    load_trained_weights(model, checkpoint)
+    return model

@@ -9,12 +9,14 @@ from typing import Any
 import albumentations as A
 from torch.utils.data import Subset
 
+from engine.config import CONFIGS_DIR
 from engine.demo_data import prepare_demo_data
 
 from .datasets import COCO_TO_VOC, CocoSemantic, SegmentationDataset, VOCSegmentation
-from .palette import VOC_CLASSES
-from .synthetic import SHAPES_CLASSES, generate_shapes_segmentation
+from .palette import VOC_SEG_CLASSES
+from .synthetic import SHAPES_SEG_CLASSES, generate_shapes_segmentation
 
+DEFAULT_CONFIG = CONFIGS_DIR / "seg" / "default.yaml"  # the segmentation schema: every seg config overrides it
 CLASS_MAPPINGS = {None: None, "coco_to_voc": COCO_TO_VOC}
 FORMATS = ("voc", "coco")
 
@@ -34,15 +36,15 @@ def build_dataset(data: Mapping[str, Any], split: str, transform: A.Compose | No
     """`data.train` or `data.val` as a dataset; no transform means full-resolution images, as evaluated."""
     part = data[split]
     if data["format"] == "voc":
-        class_names = list(data["class_names"] or (SHAPES_CLASSES if data["synthetic"]["enabled"] is True
-                                                   else VOC_CLASSES))
+        class_names = list(data["class_names"] or (SHAPES_SEG_CLASSES if data["synthetic"]["enabled"] is True
+                                                   else VOC_SEG_CLASSES))
         return VOCSegmentation(data["root"], part["split"], transform, num_classes=len(class_names),
                                class_names=class_names)
     if data["format"] == "coco":
         if data["class_mapping"] not in CLASS_MAPPINGS:
             raise ValueError(f"data.class_mapping={data['class_mapping']!r} is not one of {list(CLASS_MAPPINGS)}")
         mapping = CLASS_MAPPINGS[data["class_mapping"]]
-        class_names = data["class_names"] or (VOC_CLASSES if mapping is COCO_TO_VOC else None)
+        class_names = data["class_names"] or (VOC_SEG_CLASSES if mapping is COCO_TO_VOC else None)
         return CocoSemantic(part["images"], part["annotations"], transform, class_mapping=mapping,
                             class_names=class_names)
     raise ValueError(f"data.format={data['format']!r} is not one of {list(FORMATS)}")
@@ -59,6 +61,6 @@ def check_classes(num_classes: int, *datasets: SegmentationDataset) -> None:
             raise ValueError(f"train and val classes differ: {datasets[0].class_names} vs {dataset.class_names}")
 
 
-def first(dataset: SegmentationDataset, limit: int | None) -> Subset:
+def limit_samples(dataset: SegmentationDataset, limit: int | None) -> Subset:
     """The first `limit` samples (`data.val_limit`; None: all)."""
     return Subset(dataset, range(len(dataset) if limit is None else min(limit, len(dataset))))

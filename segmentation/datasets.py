@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from engine.images import DatasetError, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
+from engine.images import DatasetError, image_to_tensor, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
 from engine.validation import FileCheck, validate_files, validation_mode
-from segmentation.palette import VOC_CLASSES, VOID
+from segmentation.palette import VOC_SEG_CLASSES, VOID
 
 IMAGE_SUFFIXES = (".jpg", ".png")
 """Image files are looked up by stem in this order (VOC ships .jpg; the synthetic set writes .png)."""
@@ -101,8 +101,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        image_t = image_t.float() / 255 if image_t.dtype == torch.uint8 else image_t.float()
+        image_t = (image_to_tensor(image) if image.dtype == np.uint8
+                   else torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float())
         return image_t, torch.from_numpy(np.ascontiguousarray(mask)).long()
 
     def validate(self, *, split: str = "train", validate: str | bool = "auto", skip_invalid: bool = False,
@@ -185,11 +185,11 @@ class VOCSegmentation(SegmentationDataset):
         root: str | Path,
         split: str,
         transform: A.Compose | None = None,
-        num_classes: int = len(VOC_CLASSES),
+        num_classes: int = len(VOC_SEG_CLASSES),
         class_names: Sequence[str] | None = None,
     ) -> None:
-        if class_names is None and num_classes == len(VOC_CLASSES):
-            class_names = VOC_CLASSES
+        if class_names is None and num_classes == len(VOC_SEG_CLASSES):
+            class_names = VOC_SEG_CLASSES
         super().__init__(load_voc_segmentation(root, split), num_classes, class_names, transform)
 
 

@@ -51,12 +51,6 @@ class SegmentationEvaluator:
                 raise ValueError(f"{name} has class indices outside [0, {n}) (ignore_index={self.ignore_index})")
         return torch.bincount(target * n + pred, minlength=n * n).reshape(n, n).cpu()
 
-    def merge(self, other_confusion: torch.Tensor | SegmentationEvaluator) -> None:
-        """Add another evaluator's (or rank's) confusion matrix into this one."""
-        if isinstance(other_confusion, SegmentationEvaluator):
-            other_confusion = other_confusion.confusion
-        self.confusion += other_confusion.to(self.confusion)
-
     def compute(self) -> dict:
         """mIoU, pixel accuracy, mean class accuracy, per-class IoU and accuracy (recall of the class's pixels).
 

@@ -14,7 +14,7 @@ from PIL import Image
 VOID = 255
 """Label value of pixels that are neither scored nor trained on (object borders, crowds, padding)."""
 
-VOC_CLASSES: tuple[str, ...] = (
+VOC_SEG_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",

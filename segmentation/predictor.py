@@ -14,20 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from pycocotools import mask as mask_utils
 
 from backbones import fold_batchnorm
-from engine.images import ImageInput, as_rgb_array
-from engine.trained import load_run_config, load_trained_weights, model_config_for_inference
+from engine.images import ImageInput, as_rgb_array, image_to_tensor
+from engine.trained import build_trained_model, load_run_config
 
+from .build import DEFAULT_CONFIG
 from .datasets import COCO_TO_VOC
 from .evaluation import multiscale_flip_inference
 from .models import build_segmentation_model
-from .palette import VOC_CLASSES
-from .synthetic import SHAPES_CLASSES
+from .palette import VOC_SEG_CLASSES
+from .synthetic import SHAPES_SEG_CLASSES
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "seg" / "default.yaml"
 
 
 @dataclass
@@ -41,6 +41,20 @@ class Segmentation:
     class_names: list[str]
     category_ids: list[int]
 
+    def to_coco(self, image_id: int) -> list[dict]:
+        """One RLE per predicted class (background, index 0, left out), as COCO's stuff-segmentation results,
+        scored by the class's mean confidence."""
+        results = []
+        for index in np.unique(self.mask).tolist():
+            if index == 0:
+                continue
+            region = self.mask == index
+            rle = mask_utils.encode(np.asfortranarray(region.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append({"image_id": image_id, "category_id": self.category_ids[index], "segmentation": rle,
+                            "score": round(float(self.confidence[region].mean()), 5)})
+        return results
+
 
 def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
     """Class names (index 0 = background) and each index's category id, without loading the dataset,
@@ -48,7 +62,7 @@ def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
     annotation json (all categories by id, or the VOC subset: ids = COCO ids, 0 for background)."""
     data, num_classes = cfg.data, cfg.model.num_classes
     if data.format == "coco" and data.class_mapping == "coco_to_voc":
-        names = list(data.class_names or VOC_CLASSES)
+        names = list(data.class_names or VOC_SEG_CLASSES)
         voc_to_coco = {index: cat for cat, index in COCO_TO_VOC.items()}
         ids = [voc_to_coco.get(k, 0) for k in range(len(names))]
     elif data.format == "coco":
@@ -63,7 +77,7 @@ def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
             ids = [0] + [int(c["id"]) for c in categories]
         names = list(data.class_names or names)
     else:
-        names = list(data.class_names or (SHAPES_CLASSES if data.synthetic.enabled is True else VOC_CLASSES))
+        names = list(data.class_names or (SHAPES_SEG_CLASSES if data.synthetic.enabled is True else VOC_SEG_CLASSES))
         ids = list(range(len(names)))
     if len(names) != num_classes:
         raise ValueError(f"model.num_classes={num_classes} but the data config names {len(names)} classes {names}")
@@ -85,8 +99,7 @@ class Predictor:
         self.cfg = load_run_config(config, DEFAULT_CONFIG)
         self.device = torch.device(device)
         self.class_names, self.category_ids = label_space(self.cfg)
-        model = build_segmentation_model(model_config_for_inference(self.cfg.model))
-        load_trained_weights(model, checkpoint)
+        model = build_trained_model(build_segmentation_model, self.cfg.model, checkpoint)
         model.eval()
         if fast:
             fold_batchnorm(model).to(memory_format=torch.channels_last)
@@ -99,9 +112,7 @@ class Predictor:
         single = not isinstance(images, (list, tuple))
         results = []
         for image in [images] if single else images:
-            array = as_rgb_array(image)
-            tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(255)[None]
-            tensor = tensor.to(self.device)
+            tensor = image_to_tensor(as_rgb_array(image))[None].to(self.device)
             if self.fast:
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
             log_probs = multiscale_flip_inference(self.model, tensor, tuple(self.cfg.eval.scales), self.cfg.eval.flip)

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from engine.images import image_to_tensor
 from engine.random_state import sample_seed
 from engine.report import (GalleryItem, Section, Table, figure_html, history_section, percent, prepare_report_dir,
                            provenance, save_gallery_image, write_page)
@@ -115,7 +116,7 @@ def _gallery(out_dir: Path, image_miou: dict[int, float], model: nn.Module, data
     items = []
     for index in ranked:
         image, mask = dataset.load_sample(index)
-        tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)[None].to(device)
+        tensor = image_to_tensor(image)[None].to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             log_probs = multiscale_flip_inference(model, tensor, tuple(cfg.eval.scales), cfg.eval.flip)
         prediction = log_probs.argmax(1)[0].cpu().numpy()

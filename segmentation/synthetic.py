@@ -15,7 +15,7 @@ from PIL import Image
 from segmentation.datasets import DatasetError
 from segmentation.palette import VOID, save_palette_png
 
-SHAPES_CLASSES: tuple[str, ...] = ("background", "circle", "square", "triangle")
+SHAPES_SEG_CLASSES: tuple[str, ...] = ("background", "circle", "square", "triangle")
 
 
 def _draw_shape(
@@ -44,7 +44,7 @@ def _render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     image = np.clip(background + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(1, 4)):
-        label = int(rng.integers(1, len(SHAPES_CLASSES)))
+        label = int(rng.integers(1, len(SHAPES_SEG_CLASSES)))
         radius = int(rng.integers(size // 10, size // 4))
         center = rng.integers(radius, size - radius, size=2)
         color = tuple(int(c) for c in rng.integers(120, 256, size=3))
@@ -62,7 +62,7 @@ def generate_shapes_segmentation(
     image_size: int = 96,
     seed: int = 0,
 ) -> Path:
-    """Write the set under `root` (VOC layout, classes `SHAPES_CLASSES`) and return `root`.
+    """Write the set under `root` (VOC layout, classes `SHAPES_SEG_CLASSES`) and return `root`.
 
     Deterministic in its parameters; a `DONE.json` marker holding them makes repeat calls free.
     """

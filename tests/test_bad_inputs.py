@@ -41,7 +41,7 @@ from classification.datasets import build_cls_dataset, validate_dataset  # noqa:
 from detection import Predictor  # noqa: E402
 from detection.datasets import (DatasetError, DetectionDataset, load_coco_records, load_voc_records,  # noqa: E402
                                 validate_records)
-from detection.models import build_detector, load_detector_weights  # noqa: E402
+from detection.models import build_detector  # noqa: E402
 from engine.checkpoint import CheckpointError, CheckpointSaveError, load_checkpoint, save_checkpoint  # noqa: E402
 from engine.config import ConfigError, load_config, save_config  # noqa: E402
 from engine.images import read_image  # noqa: E402
@@ -350,9 +350,9 @@ BAD_INPUTS = [
     ("train_det_folder_in_use", lambda tmp: (folder_in_use(tmp), cli(
         train_det.main, "--overwrite", "data.synthetic.enabled=true", "output_dir={tmp}/runs/r")(tmp))[1],
      EXIT_IN_USE, r"runs/r is in use by another run \(pid 4242 on host node7, started 2026-01-02 03:04:05"),
-    # --- checkpoint files: test_det / visualize_det (load_detector_weights), test_seg (load_checkpoint), the
-    # Predictors and export (load_trained_weights) name the file and what is wrong, never torch's own advice
-    ("ckpt_text_file", load_as(lambda path: load_detector_weights(torch.nn.Linear(2, 2), path),
+    # --- checkpoint files: training (load_checkpoint), the Predictors, export and the test / visualize tools
+    # (engine.trained.build_trained_model: load_trained_weights) name the file and what is wrong, never torch's own advice
+    ("ckpt_text_file", load_as(lambda path: load_trained_weights(torch.nn.Linear(2, 2), path),
                                lambda tmp: b"resnet weights\n"), CheckpointError,
      r"ckpt\.pth: not a PyTorch checkpoint \(torch\.save writes a zip archive; this file starts with b'resnet w'"),
     ("ckpt_empty_file", load_as(load_checkpoint, lambda tmp: b""), CheckpointError, r"ckpt\.pth: the file is empty"),
@@ -364,7 +364,7 @@ BAD_INPUTS = [
                                  lambda tmp: {"model": build_backbone("resnet18").state_dict()}), CheckpointError,
      r"\Acheckpoint \S+ckpt\.pth does not fit this model: \d+ of the model's \d+ tensors are missing \(e\.g\. "
      r"layer1\.2\.[^\n]{0,400}\Z"),  # counts and three examples: no key dump
-    ("ckpt_other_shapes", load_as(lambda path: load_detector_weights(build_backbone("resnet18", num_classes=10), path),
+    ("ckpt_other_shapes", load_as(lambda path: load_trained_weights(build_backbone("resnet18", num_classes=10), path),
                                   lambda tmp: {"model": build_backbone("resnet18", num_classes=5).state_dict()}),
      CheckpointError, r"ckpt\.pth does not fit this model: 2 have another shape \(e\.g\. fc\.weight: \(5, 512\) in the "
                       r"file, \(10, 512\) in the model\)"),

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from engine.benchmarking import losses_close, matched_fraction
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("benchmark_det", ROOT / "tools" / "benchmark_det.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -102,7 +104,7 @@ def test_float32_fold_and_channels_last_within_tolerance():
     for name in ref_features:
         torch.testing.assert_close(features[name], ref_features[name], rtol=1e-4, atol=1e-4)
     assert features["p2"].is_contiguous(memory_format=torch.channels_last)
-    assert bench.matched_fraction(ref, got) >= 0.9
+    assert matched_fraction(ref, got) >= 0.9
 
 
 def test_torchvision_reference_uses_the_frozen_bn_recipe():
@@ -146,7 +148,7 @@ def test_resnet50_phases_do_the_same_work_as_torchvision(tmp_path):
              for name in ("torchvision", "ours")}
     # ours applies frozen BN inside the convs (rounding differs) and its RoIAlign backward is a sparse product
     ours, tv = train["ours"]["first_step_losses"], train["torchvision"]["first_step_losses"]
-    assert bench.losses_close(ours, tv, rtol=1e-4, atol=1e-5)
+    assert losses_close(ours, tv, rtol=1e-4, atol=1e-5)
     assert train["ours"]["trainable_params"] == train["torchvision"]["trainable_params"]
     check = bench.check_float64_detections(settings, weights)["torchvision"]  # float64: the same detections
     assert check["passed"] and check["num_detections"] == [100, 100] and check["max_abs_box_diff"] < 1e-6

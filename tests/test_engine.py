@@ -18,11 +18,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from engine import distributed, random_state
-from engine.checkpoint import find_resume, load_checkpoint, save_checkpoint, start_run
-from engine.config import ConfigError, load_config, parse_args, save_config
+from engine.checkpoint import load_checkpoint, save_checkpoint, start_run
+from engine.config import CONFIGS_DIR, ConfigError, load_config, load_task_config, parse_args, save_config
 from engine.output import RunOutput, plot_history
 from engine.sampling import EpochBatches
 from engine.schedule import build_lr_scheduler, build_sgd
+from engine.trained import build_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,8 +180,7 @@ def test_checkpoint_resume_gives_identical_next_step(tmp_path):
     expected = train_step(model, optimizer, scheduler, seed=99)
 
     resumed, opt2, sched2 = make_training(seed=123)
-    path = find_resume(tmp_path)
-    assert path == tmp_path / "last.pth"
+    path = tmp_path / "last.pth"
     state = load_checkpoint(path, model=resumed, optimizer=opt2, scheduler=sched2)
     assert (state["epoch"], state["iteration"], state["best_map"]) == (1, 4, 0.5)
     assert state["config"] == {"train": {"lr": 0.1}}
@@ -190,10 +190,28 @@ def test_checkpoint_resume_gives_identical_next_step(tmp_path):
     torch.load(path, weights_only=True)  # plain tensors and containers only
 
 
-def test_checkpoint_missing_and_no_resume(tmp_path):
-    assert find_resume(tmp_path) is None
+def test_checkpoint_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_a_trained_model_loads_when_its_backbone_weights_file_has_moved(tmp_path, moved):
+    """The one loading path (Predictors, export, test / visualize tools): the checkpoint holds every weight, so a
+    backbone weights file that is gone is not asked for; one that is there is passed on for its preprocessing."""
+    weights = tmp_path / "backbone.pth"
+    if not moved:
+        weights.write_bytes(b"")
+    trained, asked = nn.Linear(3, 2), []
+
+    def build(model_cfg):
+        asked.append(model_cfg["backbone"]["weights"])
+        return nn.Linear(3, 2)
+
+    torch.save({"model": trained.state_dict()}, tmp_path / "last.pth")
+    model = build_trained_model(build, {"backbone": {"weights": str(weights)}}, tmp_path / "last.pth")
+    assert asked == [None if moved else str(weights)]
+    assert torch.equal(model.weight, trained.weight) and torch.equal(model.bias, trained.bias)
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path):
@@ -449,3 +467,17 @@ def test_sync_bn_converts_heads_too_but_not_frozen_statistics():
     assert res5_norms and all(isinstance(m, EvalBatchNorm2d) and not m.training for m in res5_norms)
     det = convert_sync_batchnorm(det).train()
     assert all(type(m) is EvalBatchNorm2d for m in det.roi_heads.box_head.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_the_task_of_a_config_is_the_one_schema_it_fits(tmp_path):
+    tasks = {"detection": CONFIGS_DIR / "det" / "default.yaml", "segmentation": CONFIGS_DIR / "seg" / "default.yaml"}
+    task, cfg = load_task_config(CONFIGS_DIR / "seg" / "default.yaml", tasks)
+    assert task == "segmentation" and "crop_size" in cfg.data
+    assert load_task_config(CONFIGS_DIR / "det" / "default.yaml", tasks)[0] == "detection"
+    neither = tmp_path / "neither.yaml"
+    neither.write_text("nonsense: 1\n")
+    with pytest.raises(ConfigError, match=r"neither\.yaml is neither a detection nor a segmentation config\nas detection: "):
+        load_task_config(neither, tasks)
+    twins = {"detection": tasks["detection"], "a copy": tasks["detection"]}
+    with pytest.raises(ConfigError, match=r"default\.yaml fits both the detection and the a copy schema: use the run's"):
+        load_task_config(CONFIGS_DIR / "det" / "default.yaml", twins)

@@ -12,7 +12,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import test_det  # noqa: E402
 
-from detection.models import build_detector, load_detector_weights  # noqa: E402
+from detection.models import build_detector  # noqa: E402
+from engine.trained import load_trained_weights  # noqa: E402
 from detection.quantize import INT8_PARTS, calibration_batches, quantize_int8  # noqa: E402
 from engine.config import load_config  # noqa: E402
 
@@ -26,7 +27,7 @@ def float_convs_and_linears(module: nn.Module) -> list[str]:
 def trained(run: Path) -> tuple[nn.Module, object]:
     cfg = load_config(run / "config.yaml")
     model = build_detector(cfg.model)
-    load_detector_weights(model, run / "last.pth")
+    load_trained_weights(model, run / "last.pth")
     return model.eval(), cfg
 
 

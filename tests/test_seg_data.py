@@ -11,8 +11,8 @@ from pycocotools import mask as mask_utils
 
 from segmentation.datasets import (COCO_TO_VOC, CocoSemantic, DatasetError, SegmentationDataset, VOCSegmentation,
                                    load_voc_segmentation, read_mask)
-from segmentation.palette import VOC_CLASSES, VOID, colorize, overlay, save_palette_png, voc_palette
-from segmentation.synthetic import SHAPES_CLASSES, generate_shapes_segmentation
+from segmentation.palette import VOC_SEG_CLASSES, VOID, colorize, overlay, save_palette_png, voc_palette
+from segmentation.synthetic import SHAPES_SEG_CLASSES, generate_shapes_segmentation
 from segmentation.transforms import build_seg_transforms
 
 # pycocotools' RLE decoding trips a numpy 2 DeprecationWarning inside the library, not in our code
@@ -60,7 +60,7 @@ def test_voc_palette_and_palette_png(tmp_path):
 def test_voc_loading(tmp_path):
     pairs = {"a": pair(), "b": pair(8, 6)}
     ds = VOCSegmentation(write_voc(tmp_path, pairs), "train")
-    assert len(ds) == 2 and ds.num_classes == 21 and ds.class_names == list(VOC_CLASSES)
+    assert len(ds) == 2 and ds.num_classes == 21 and ds.class_names == list(VOC_SEG_CLASSES)
     for (image, mask), (_, expected) in zip(ds, pairs.values()):
         assert image.dtype == torch.float32 and image.shape == (3, *expected.shape)
         assert 0.0 <= image.min() and image.max() <= 1.0
@@ -168,7 +168,7 @@ def test_synthetic_is_deterministic_and_idempotent(tmp_path):
     with pytest.raises(DatasetError, match="DONE.json"):
         generate_shapes_segmentation(tmp_path / "one", **{**params, "seed": 4})
 
-    ds = VOCSegmentation(first, "train", num_classes=len(SHAPES_CLASSES), class_names=SHAPES_CLASSES)
+    ds = VOCSegmentation(first, "train", num_classes=len(SHAPES_SEG_CLASSES), class_names=SHAPES_SEG_CLASSES)
     assert len(ds) == 4 and len(VOCSegmentation(first, "val", num_classes=4)) == 2
     ds.validate()
     labels = set().union(*(np.unique(ds.load_sample(i)[1]).tolist() for i in range(len(ds))))
@@ -205,10 +205,10 @@ def tiny_coco(tmp_path):
 
 
 def test_coco_to_voc_semantic(tiny_coco):
-    ds = CocoSemantic(tiny_coco, tiny_coco / "ann.json", class_mapping=COCO_TO_VOC, class_names=VOC_CLASSES)
+    ds = CocoSemantic(tiny_coco, tiny_coco / "ann.json", class_mapping=COCO_TO_VOC, class_names=VOC_SEG_CLASSES)
     expected = np.zeros((16, 24), dtype=np.int64)
-    expected[2:12, 2:14] = VOC_CLASSES.index("aeroplane")
-    expected[4:10, 10:18] = VOC_CLASSES.index("person")  # smaller, drawn last
+    expected[2:12, 2:14] = VOC_SEG_CLASSES.index("aeroplane")
+    expected[4:10, 10:18] = VOC_SEG_CLASSES.index("person")  # smaller, drawn last
     expected[12:15, 18:22] = VOID  # crowd
     # the umbrella is not a VOC class: it is background and does not erase the airplane under it
     image, mask = pickle.loads(pickle.dumps(ds))[0]  # picklable for DataLoader workers

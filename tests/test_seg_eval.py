@@ -56,17 +56,6 @@ def test_evaluator_matches_numpy_reference():
     np.testing.assert_allclose(list(result["IoU_per_class"].values()), expected["ious"])
 
 
-def test_merge_equals_single_evaluator():
-    batches = list(random_batches(1, count=4))
-    whole, first, second = (SegmentationEvaluator(NUM_CLASSES) for _ in range(3))
-    for i, (pred, target) in enumerate(batches):
-        whole.update(pred, target)
-        (first if i < 2 else second).update(pred, target)
-    first.merge(second.confusion)
-    assert torch.equal(first.confusion, whole.confusion)
-    assert first.compute()["mIoU"] == whole.compute()["mIoU"]
-
-
 def test_evaluator_rejects_out_of_range_predictions():
     with pytest.raises(ValueError, match="prediction"):
         SegmentationEvaluator(3).update(np.array([[3]]), np.array([[0]]))

@@ -1,10 +1,10 @@
-"""engine.stats against values computed by hand (t quantiles from a printed t table)."""
+"""experiments.statistics against values computed by hand (t quantiles from a printed t table)."""
 import math
 
 import pytest
 from scipy import stats
 
-from engine.stats import compare, summarize
+from experiments.statistics import compare, summarize
 
 T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}  # two-sided 95 %: t_{0.975, df}
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from backbones import build_backbone, load_backbone_weights
-from classification.model import build_classifier
+from classification.models import build_classifier
 from classification.synthetic import generate_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]

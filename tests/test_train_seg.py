@@ -17,7 +17,7 @@ import test_seg  # noqa: E402
 import train_seg  # noqa: E402
 import visualize_seg  # noqa: E402
 
-from segmentation.synthetic import SHAPES_CLASSES, generate_shapes_segmentation  # noqa: E402
+from segmentation.synthetic import SHAPES_SEG_CLASSES, generate_shapes_segmentation  # noqa: E402
 
 COCO128_VOC = ROOT.parent / "shared" / "data" / "coco128-voc" / "VOCdevkit" / "VOC2012"
 SHAPES = "data.synthetic.enabled=true"  # the generated demo set in data.root
@@ -48,7 +48,7 @@ def test_default_config_runs_and_writes_outputs(default_run: tuple[Path, dict]) 
         assert (run_dir / name).is_file(), name
     written = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= written["mIoU"] <= 1.0 and written["mIoU"] == pytest.approx(metrics["mIoU"])
-    assert set(written["IoU_per_class"]) == set(SHAPES_CLASSES)
+    assert set(written["IoU_per_class"]) == set(SHAPES_SEG_CLASSES)
     assert torch.load(run_dir / "last.pth", weights_only=True)["iteration"] == 2
 
 
@@ -74,7 +74,7 @@ def test_overfits_four_images(tmp_path: Path) -> None:
     stems = (root / "ImageSets" / "Segmentation" / "train.txt").read_text()
     (root / "ImageSets" / "Segmentation" / "train_x10.txt").write_text(stems * 10)
     metrics = train_seg.main([
-        f"data.root={root}", "data.synthetic.enabled=false", f"data.class_names={list(SHAPES_CLASSES)}",
+        f"data.root={root}", "data.synthetic.enabled=false", f"data.class_names={list(SHAPES_SEG_CLASSES)}",
         "data.train.split=train_x10", "data.val.split=train", "data.crop_size=48", "data.scale_range=[1.0,1.0]",
         "data.flip_prob=0", "data.num_workers=0", "train.batch_size=4", "train.iters=60", "train.lr=0.05",
         "train.warmup_iters=5", "train.weight_decay=0", f"output_dir={tmp_path / 'run'}",

@@ -14,6 +14,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import transfer  # noqa: E402
 from classification.datasets import build_cls_dataset  # noqa: E402
+from experiments.stages import tiny_imagenet_subset  # noqa: E402
+from experiments.statistics import compare_pairs, condition_statistics  # noqa: E402
+from experiments.transfer import comparisons, reproduction_experiments, results_markdown  # noqa: E402
 
 
 def _default_config(tmp_path: Path) -> Path:
@@ -102,8 +105,8 @@ def test_tiny_imagenet_class_subset_links_the_first_classes(tmp_path):
     (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
     (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
 
-    subset = transfer.tiny_imagenet_subset(root, 2, tmp_path / "data", "tiny-imagenet")
-    assert transfer.tiny_imagenet_subset(root, 2, tmp_path / "data", "tiny-imagenet") == subset  # idempotent
+    subset = tiny_imagenet_subset(root, 2, tmp_path / "data", "tiny-imagenet")
+    assert tiny_imagenet_subset(root, 2, tmp_path / "data", "tiny-imagenet") == subset  # idempotent
     train = build_cls_dataset("tiny-imagenet", subset, "train", None)
     val = build_cls_dataset("tiny-imagenet", subset, "val", None)
     assert train.classes == val.classes == ["n01", "n02"]
@@ -122,19 +125,19 @@ def _results(ap_by_condition: dict[tuple[str, bool], list[float]]) -> dict:
 def test_statistics_and_orderings_over_seeds():
     results = _results({("resnet18", True): [0.30, 0.32, 0.31], ("resnet18", False): [0.20, 0.21, 0.19],
                         ("plain18", True): [0.25, 0.10, 0.28], ("plain18", False): [0.20, 0.22, 0.21]})
-    experiments = transfer.reproduction_experiments(results, "raccoon")
-    rows = {(r["experiment"], r["condition"]): r for r in transfer.summaries(experiments)}
+    experiments = reproduction_experiments(results, "raccoon")
+    rows = {(r["experiment"], r["condition"]): r for r in condition_statistics(experiments)}
     r18 = rows[("transfer_raccoon_ap", "resnet18_pretrained")]
     assert (r18["n"], r18["mean"], r18["std"]) == (3, pytest.approx(31.0), pytest.approx(1.0))
     assert r18["ci_low"] == pytest.approx(31 - 4.302653 / 3**0.5, abs=1e-5)  # t_{0.975, 2} = 4.302653
-    held = {(c["experiment"], c["a"], c["b"]): c for c in transfer.comparisons(experiments, results["backbones"])}
+    held = {(c["experiment"], c["a"], c["b"]): c for c in comparisons(experiments, results["backbones"])}
     assert held[("transfer_raccoon_ap", "resnet18_pretrained", "resnet18_scratch")]["held"]
     assert held[("transfer_raccoon_ap", "resnet18_pretrained", "resnet18_scratch")]["diff"] == pytest.approx(11.0)
     assert not held[("transfer_raccoon_ap", "plain18_pretrained", "plain18_scratch")]["held"]  # too noisy
     assert held[("pretrain_top1", "resnet18", "plain18")]["diff"] == pytest.approx(5.0)
     assert ("transfer_raccoon_ap50", "resnet18_scratch", "plain18_scratch") in held
-    markdown = transfer.results_markdown({**results, "experiments": experiments,
-                                          "summaries": transfer.summaries(experiments),
+    markdown = results_markdown({**results, "experiments": experiments,
+                                          "summaries": condition_statistics(experiments),
                                           "comparisons": list(held.values())})
     assert "| transfer_raccoon_ap | resnet18_pretrained − resnet18_scratch | +11.00 | [" in markdown
     assert "| transfer_raccoon_ap | resnet18_pretrained | 3 | 31.00 | 1.00 | [28.52, 33.48] |" in markdown
@@ -146,14 +149,14 @@ def test_depth_orderings_follow_the_paper_resnets_gain_plain_nets_do_not():
            ("resnet18", False): [0.20, 0.21, 0.22]}
     results = _results(aps) | {"backbones": ["resnet18", "resnet34", "plain18", "plain34"]}
     rows = {(c["experiment"], c["a"], c["b"]): c
-            for c in transfer.comparisons(transfer.reproduction_experiments(results, "bccd"), results["backbones"])}
+            for c in comparisons(reproduction_experiments(results, "bccd"), results["backbones"])}
     deeper_resnet = rows[("transfer_bccd_ap", "resnet34_pretrained", "resnet18_pretrained")]
     assert deeper_resnet["paper"] == "A > B" and deeper_resnet["held"] and deeper_resnet["agrees"]
     deeper_plain = rows[("transfer_bccd_ap", "plain34_pretrained", "plain18_pretrained")]
     assert deeper_plain["paper"] == "A <= B" and not deeper_plain["held"] and deeper_plain["agrees"]
     assert rows[("transfer_bccd_ap", "resnet34_pretrained", "plain34_pretrained")]["held"]
     assert ("transfer_bccd_ap", "resnet34_scratch", "resnet18_scratch") not in rows  # no resnet34 scratch runs
-    contradicted = transfer.compare_pairs(transfer.reproduction_experiments(
+    contradicted = compare_pairs(reproduction_experiments(
         _results({("plain18", True): [0.20, 0.21, 0.22], ("plain34", True): [0.30, 0.31, 0.32]}), "bccd"),
         [("transfer_bccd_ap", "plain34_pretrained", "plain18_pretrained", "A <= B")])[0]
     assert contradicted["held"] and not contradicted["agrees"]  # a deeper plain net clearly better: not the paper's
@@ -162,9 +165,9 @@ def test_depth_orderings_follow_the_paper_resnets_gain_plain_nets_do_not():
 def test_a_variant_names_its_own_experiments():
     results = _results({("resnet18", True): [0.30, 0.32, 0.31], ("resnet18", False): [0.20, 0.21, 0.19],
                         ("plain18", True): [0.25, 0.10, 0.28], ("plain18", False): [0.20, 0.22, 0.21]})
-    plain, variant = (transfer.reproduction_experiments(results, "raccoon", v) for v in (None, "pretrain15ep"))
+    plain, variant = (reproduction_experiments(results, "raccoon", v) for v in (None, "pretrain15ep"))
     assert sorted(variant) == sorted(f"{name}_pretrain15ep" for name in plain)
     assert all(variant[f"{name}_pretrain15ep"] == plain[name] for name in plain)
-    held = {(c["experiment"], c["a"], c["b"]) for c in transfer.comparisons(variant, results["backbones"])}
+    held = {(c["experiment"], c["a"], c["b"]) for c in comparisons(variant, results["backbones"])}
     assert ("transfer_raccoon_ap_pretrain15ep", "resnet18_pretrained", "resnet18_scratch") in held
     assert ("pretrain_top1_pretrain15ep", "resnet18", "plain18") in held

@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from detection.datasets import DetectionDataset, ImageRecord, collate, load_coco_records  # noqa: E402
 from detection.transforms import build_det_transforms  # noqa: E402
+from engine.benchmarking import cpu_model, timed  # noqa: E402
 from engine.images import READ_FLAGS, image_to_tensor, read_image  # noqa: E402
 from engine.random_state import isolated_rng  # noqa: E402
 from engine.sampling import EpochBatches, SeededDataset  # noqa: E402
@@ -104,12 +105,6 @@ def batch_keys(dataset: Dataset, batch_size: int, seed: int) -> list[list[tuple[
     batches = EpochBatches(dataset, seed=seed, batch_size=batch_size)
     batches.set_epoch(0)
     return list(batches)
-
-
-def time_pass(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def stage_times(dataset: DetectionDataset, keys: list[list[tuple[int, int]]]) -> dict[str, float]:
@@ -187,7 +182,7 @@ def interleaved(variants: dict[str, Callable], inputs: list, rounds: int) -> dic
     names = list(variants)
     for round_ in range(rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:
-            times[name].append(time_pass(lambda: _each(variants[name], inputs)) * 1000 / len(inputs))
+            times[name].append(timed(lambda: _each(variants[name], inputs))[1] * 1000 / len(inputs))
     return {name: statistics.median(ms) for name, ms in times.items()}
 
 
@@ -220,18 +215,12 @@ def output_shapes(loader: DataLoader) -> list[tuple[int, ...]]:
 
 
 def hardware() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
+    return {"cpu": cpu_model() or platform.processor() or platform.machine(), "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "opencv": cv2.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def measure_pipelines(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     data = Path(args.data)
@@ -255,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     for round_ in range(args.rounds):
         for name in sides if round_ % 2 == 0 else sides[::-1]:
-            times[name].append(time_pass(passes[name]))
+            times[name].append(timed(passes[name])[1])
         stages.append(passes["stages"]())
     n = len(records)
     ours_shapes, their_shapes = output_shapes(ours), output_shapes(theirs)
@@ -335,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    result = run(args)
+    result = measure_pipelines(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:

@@ -32,7 +32,6 @@ float64, where rounding cannot reorder near-tied scores of a randomly initialise
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -46,7 +45,6 @@ from typing import Any
 
 import torch
 import torchvision
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -59,6 +57,8 @@ from backbones import fold_batchnorm  # noqa: E402
 from detection.fast import optimize_for_inference, to_channels_last  # noqa: E402
 from detection.models import build_detector  # noqa: E402
 from detection.quantize import quantize_int8  # noqa: E402
+from engine.benchmarking import (PeakMemory, compare_ranked_detections, count_gflop, cpu_model,  # noqa: E402
+                                 losses_close, matched_fraction, measure_ceiling, synchronize, timed)
 
 NUM_CLASSES = 90  # COCO's foreground classes; torchvision counts 91 with the background
 INT8 = "ours_int8"  # CPU only, and not exact: outside the equivalence checks (its AP cost: docs/benchmarks.md)
@@ -162,86 +162,7 @@ def make_targets(n: int, size: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return targets
 
 
-# ----------------------------------------------------------------------------------------------- memory
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak memory of what runs between start() and stop(), over the memory in use at start()."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "torch.cuda.max_memory_allocated"
-            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
-            return
-        try:  # "5" resets the peak RSS (VmHWM) of this process to its current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.method = "VmHWM after reset via /proc/self/clear_refs"
-        except OSError:
-            self.method = "ru_maxrss (monotonic: includes the setup's peak)"
-        self.baseline = _status_mb("VmRSS") or 0.0
-
-    def stop(self) -> dict[str, Any]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self.method.startswith("VmHWM"):
-            peak = _status_mb("VmHWM") or 0.0
-        else:
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-        return dict(method=self.method, baseline_mb=round(self.baseline, 1), peak_mb=round(peak, 1),
-                    delta_mb=round(max(peak - self.baseline, 0.0), 1))
-
-
-# ----------------------------------------------------------------------------------------------- arithmetic
-def count_gflop(fn) -> float:
-    """GFLOP of the convolutions and matrix products `fn()` runs (FlopCounterMode: 2 per multiply-add)."""
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mm: _mm_flop}) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
-
-
-def _mm_flop(a: torch.Tensor, b: torch.Tensor, *args, out_val=None, **kwargs) -> int:
-    """FlopCounterMode's count for `a @ b`, except that a sparse `a` (our RoIAlign backward's CSR matrix)
-    costs its nonzeros, not its dense shape."""
-    if a.layout != torch.strided:
-        return 2 * a._nnz() * b.shape[1]
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
-
-
-_mm_flop._get_raw = True  # FlopCounterMode passes the tensors themselves, so the layout can be seen
-
-
-def measure_ceiling(device: torch.device, n: int = 2048, repeats: int = 5) -> dict:
-    """The machine's dense fp32 rate at this thread count: the best of `repeats` n x n x n matrix products."""
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
-    times = []
-    for _ in range(repeats + 1):  # the first one warms the kernels up
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return dict(op=f"fp32 matmul {n}x{n}x{n}", gflop_per_s=2 * n**3 / min(times[1:]) / 1e9,
-                threads=torch.get_num_threads())
-
-
+# ----------------------------------------------------------------------------------------------- stages
 def staged_forward(model: FasterRCNN, images: list[torch.Tensor], device: torch.device
                    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
     """GeneralizedRCNN.forward in eval mode, step by step, timing each stage (seconds). The same calls in
@@ -250,7 +171,7 @@ def staged_forward(model: FasterRCNN, images: list[torch.Tensor], device: torch.
     original_sizes = [tuple(image.shape[-2:]) for image in images]
 
     def lap(stage: str, t0: float) -> float:
-        _sync(device)
+        synchronize(device)
         now = time.perf_counter()
         times[stage] = now - t0
         return now
@@ -274,11 +195,6 @@ def staged_forward(model: FasterRCNN, images: list[torch.Tensor], device: torch.
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_train(spec: dict) -> dict:
     """Warmup + timed SGD steps of one model on a fixed batch; returns images/s, step times, memory."""
     settings = spec["settings"]
@@ -308,20 +224,21 @@ def run_train(spec: dict) -> dict:
     optimizer.zero_grad(set_to_none=True)
     memory = PeakMemory(device)
     memory.start()
-    times, first_losses = [], None
-    for i in range(settings["warmup"] + settings["iters"]):
-        step[0] = i
-        _sync(device)
-        t0 = time.perf_counter()
+    def sgd_step() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         with autocast_for(spec["model"], device):
             losses = model(images, targets)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _sync(device)
+        return losses, loss
+
+    times, first_losses = [], None
+    for i in range(settings["warmup"] + settings["iters"]):
+        step[0] = i
+        (losses, loss), seconds = timed(sgd_step, device)
         if i >= settings["warmup"]:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
         if first_losses is None:
             first_losses = {k: float(v.detach()) for k, v in losses.items()}
         if not torch.isfinite(loss):
@@ -351,13 +268,10 @@ def run_infer(spec: dict) -> dict:
     times, first_call_s = [], None
     with torch.inference_mode(), autocast_for(variant, device):
         for i in range(settings["warmup"] + settings["iters"]):
-            _sync(device)
-            t0 = time.perf_counter()
-            detections = model([image])[0]
-            _sync(device)
+            detections, seconds = timed(lambda: model([image])[0], device)
             if i >= settings["warmup"]:
-                times.append(time.perf_counter() - t0)
-            first_call_s = first_call_s or time.perf_counter() - t0  # includes compiling, where there is any
+                times.append(seconds)
+            first_call_s = first_call_s or seconds  # includes compiling, where there is any
         mem = memory.stop()
         stage_times = {stage: [] for stage in STAGES}
         for _ in range(settings["iters"]):
@@ -396,37 +310,6 @@ def run_phase_isolated(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def compare_detections(a: dict, b: dict, rtol: float, atol: float) -> dict:
-    """Same detections in the same order, boxes and scores within rtol/atol (of b)."""
-    out = dict(num_detections=[len(a["labels"]), len(b["labels"])])
-    same_labels = len(a["labels"]) == len(b["labels"]) and torch.equal(a["labels"], b["labels"])
-    out["labels_equal"] = same_labels
-    if same_labels and len(a["labels"]):
-        out["max_abs_box_diff"] = float((a["boxes"].double() - b["boxes"].double()).abs().max())
-        out["max_abs_score_diff"] = float((a["scores"].double() - b["scores"].double()).abs().max())
-    out["passed"] = bool(same_labels and len(a["labels"]) > 0
-                         and torch.allclose(a["boxes"].double(), b["boxes"].double(), rtol=rtol, atol=atol)
-                         and torch.allclose(a["scores"].double(), b["scores"].double(), rtol=rtol, atol=atol))
-    return out
-
-
-def losses_close(a: dict[str, float], b: dict[str, float], rtol: float, atol: float) -> bool:
-    """The same loss terms, each within atol + rtol * |b|."""
-    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= atol + rtol * abs(b[k]) for k in b)
-
-
-def matched_fraction(a: dict, b: dict, box_tol: float = 0.5, score_tol: float = 1e-3) -> float:
-    """Share of a's detections that b also has (same label, box and score close), in any order."""
-    if len(a["labels"]) == 0:
-        return float(len(b["labels"]) == 0)
-    if len(b["labels"]) == 0:
-        return 0.0
-    close = ((a["boxes"][:, None].double() - b["boxes"][None].double()).abs().amax(-1) <= box_tol) \
-        & ((a["scores"][:, None].double() - b["scores"][None].double()).abs() <= score_tol) \
-        & (a["labels"][:, None] == b["labels"][None])
-    return float(close.any(1).double().mean())
-
-
 @torch.no_grad()
 def check_float64_detections(settings: dict, weights: str | Path, dtype: torch.dtype = torch.float64) -> dict:
     """Ours vs torchvision (for resnet50) and vs each faster variant of ours on one image, in float64 by default:
@@ -448,7 +331,7 @@ def check_float64_detections(settings: dict, weights: str | Path, dtype: torch.d
         del model
     tol = dict(rtol=1e-7, atol=1e-6) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-2)
     others = [v for v in compared if v != "ours"]
-    result = {variant: compare_detections(outputs[variant], outputs["ours"], **tol) for variant in others}
+    result = {variant: compare_ranked_detections(outputs[variant], outputs["ours"], **tol) for variant in others}
     result["dtype"] = str(dtype).removeprefix("torch.")
     result["tolerance"] = tol
     result["passed"] = all(result[v]["passed"] for v in others)
@@ -461,14 +344,8 @@ class BenchmarkMismatch(AssertionError):
 
 # ----------------------------------------------------------------------------------------------- driver
 def environment(settings: dict) -> dict:
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
     env = dict(torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
-               platform=platform.platform(), cpu_model=cpu_model or platform.processor(), cpu_count=os.cpu_count(),
+               platform=platform.platform(), cpu_model=cpu_model() or platform.processor(), cpu_count=os.cpu_count(),
                threads=settings["threads"], mkldnn=torch.backends.mkldnn.is_available())
     if settings["device"] == "cuda":
         env["cuda_device"] = torch.cuda.get_device_name()
@@ -514,14 +391,14 @@ def run_benchmark(settings: dict | None = None, *, isolate: bool = True, workdir
 
     # float32 timed runs: folded variants against ours, for information (near-ties may legitimately swap)
     checks["fold_float32_timed_runs"] = {
-        v: dict(compare_detections(detections[v], detections["ours"], rtol=1e-3, atol=1e-2),
+        v: dict(compare_ranked_detections(detections[v], detections["ours"], rtol=1e-3, atol=1e-2),
                 matched_fraction=matched_fraction(detections["ours"], detections[v]))
         for v in infer_variants if v in FASTER}
     for v in checks["fold_float32_timed_runs"].values():
         v["informational"] = True
     if compare:  # float32: informational like the above; the float64 check (float64_detections's "torchvision") decides
         checks["ours_vs_torchvision_detections"] = dict(
-            compare_detections(detections["ours"], detections["torchvision"], rtol=1e-3, atol=1e-2),
+            compare_ranked_detections(detections["ours"], detections["torchvision"], rtol=1e-3, atol=1e-2),
             matched_fraction=matched_fraction(detections["torchvision"], detections["ours"]), informational=True)
         tv_losses, our_losses = training["torchvision"]["first_step_losses"], training["ours"]["first_step_losses"]
         checks["ours_vs_torchvision_first_step_losses"] = dict(

@@ -18,7 +18,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from detection.build import DEFAULT_CONFIG  # noqa: E402
 from detection.datasets import ImageRecord  # noqa: E402
 from detection.error_analysis import analyze_errors  # noqa: E402
 from detection.evaluation import CocoEvaluator  # noqa: E402
 from detection.report import confusion_matrix, write_detection_report  # noqa: E402
+from engine.benchmarking import cpu_model, timed  # noqa: E402
 from engine.config import load_config  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 WIDTH, HEIGHT = 640, 480
 
 
@@ -67,12 +67,6 @@ def generate(images: int, detections: int, classes: int, seed: int) -> tuple[dic
     return {"images": coco_images, "annotations": annotations, "categories": categories}, results
 
 
-def timed(function, *args, **kwargs) -> tuple[object, float]:
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
@@ -95,11 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
         evaluator = CocoEvaluator(coco_gt, list(range(1, args.classes + 1)))
         evaluator.extend(detections)
         metrics, evaluation_s = timed(evaluator.compute)
-        page, report_s = timed(write_detection_report, tmp / "report", cfg=cfg, metrics=metrics, evaluator=evaluator,
-                               records=records, gallery_size=args.gallery)
+        page, report_s = timed(lambda: write_detection_report(tmp / "report", cfg=cfg, metrics=metrics,
+                                                              evaluator=evaluator, records=records,
+                                                              gallery_size=args.gallery))
         size_mb = sum(f.stat().st_size for f in (tmp / "report").rglob("*") if f.is_file()) / 1e6
-        _, breakdown_s = timed(analyze_errors, coco_gt, detections)
-        _, confusion_s = timed(confusion_matrix, coco_gt, detections)
+        _, breakdown_s = timed(lambda: analyze_errors(coco_gt, detections))
+        _, confusion_s = timed(lambda: confusion_matrix(coco_gt, detections))
 
     load = os.getloadavg()
     result = {
@@ -120,13 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    model = cpu_model()
+    return f"{model} ({os.cpu_count()} logical CPUs)" if model else platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -490,7 +490,7 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def measure_scale(args: argparse.Namespace) -> dict[str, Any]:
     root, checkout = Path(args.root).expanduser().absolute(), Path(args.checkout).absolute()
     started = time.perf_counter()
     sizes = {key: max(1, round(value * args.scale)) if key.endswith(("images", "boxes")) else value
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.child:
         run_child(json.loads(args.child))
         return None
-    result = run(args)
+    result = measure_scale(args)
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -12,7 +12,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from engine.benchmarking import timed_calls  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
 
 
@@ -36,14 +36,7 @@ def build_models(num_classes: int = 21) -> tuple[torch.nn.Module, torch.nn.Modul
 @torch.no_grad()
 def latency_ms(model: torch.nn.Module, image: torch.Tensor, warmup: int, iters: int) -> float:
     """Median wall time of `iters` forward passes after `warmup` untimed ones."""
-    for _ in range(warmup):
-        model(image)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        model(image)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return statistics.median(1000 * seconds for seconds in timed_calls(lambda: model(image), warmup, iters))
 
 
 def main(argv: list[str] | None = None) -> dict:

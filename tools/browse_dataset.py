@@ -5,7 +5,7 @@ into a page (boxes with class names for detection, palette masks for segmentatio
     python tools/browse_dataset.py --config configs/seg/coco128_voc.yaml --split val --num 8
     python tools/browse_dataset.py --config outputs/det_default/config.yaml data.flip_prob=1.0   # any key=value
 
-The task is told from the config (as tools/predict.py does). Open DIR/index.html in a browser (no network
+The task is told from the config (engine.config.load_task_config, as tools/predict.py does). Open DIR/index.html in a browser (no network
 needed). A wrong class list, swapped box coordinates or a broken augmentation show here before a GPU-day is spent.
 """
 from __future__ import annotations
@@ -17,12 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detection.build import prepare_synthetic as prepare_detection_demo  # noqa: E402
-from detection.predictor import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
+from detection.build import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
 from detection.report import write_detection_browse  # noqa: E402
-from engine.config import ConfigError, config_or_exit  # noqa: E402
-from predict import load_task_config  # noqa: E402
+from engine.config import ConfigError, config_or_exit, load_task_config  # noqa: E402
 from segmentation.build import prepare_synthetic as prepare_segmentation_demo  # noqa: E402
-from segmentation.predictor import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
+from segmentation.build import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
 from segmentation.report import write_segmentation_browse  # noqa: E402
 
 
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.num < 1:
         parser.error(f"--num must be at least 1, got {args.num}")
     try:
-        task, _ = load_task_config(args.config)
+        task, _ = load_task_config(args.config, {"detection": DET_DEFAULT, "segmentation": SEG_DEFAULT})
     except (ConfigError, FileNotFoundError) as error:
         parser.error(str(error))
     detection = task == "detection"

@@ -29,12 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[0]))  # the sibling tool
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import train_cls  # noqa: E402
-import transfer  # noqa: E402
-from engine.config import load_config  # noqa: E402
+from engine.config import CONFIGS_DIR, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
+from experiments.figures import plot_degradation  # noqa: E402
+from experiments.stages import format_duration, run_stage, tiny_imagenet_subset  # noqa: E402
+from experiments.statistics import (compare_pairs, condition_statistics, experiment_record,  # noqa: E402
+                                    statistics_markdown)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "cls" / "tiny32_cifar_style.yaml"
+DEFAULT_CONFIG = CONFIGS_DIR / "cls" / "tiny32_cifar_style.yaml"
 DEFAULT_NETS = ("plain20", "plain56", "resnet20", "resnet56")
 RUN_LOG = "runs.log"
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = list(args.overrides)
     if args.class_subset:
         data = load_config(train_cls.DEFAULT_CONFIG, args.config, overrides).data
-        subset = transfer.tiny_imagenet_subset(Path(data.root), args.class_subset, out / "data", data.format)
+        subset = tiny_imagenet_subset(Path(data.root), args.class_subset, out / "data", data.format)
         overrides.append(f"data.root={subset}")
 
     start, ran, runs = time.time(), [], []
@@ -61,21 +63,23 @@ def main(argv: list[str] | None = None) -> dict:
         for net in args.nets:
             run_dir = out / net / f"seed{seed}"
             argv_run = [f"--config={args.config}", *overrides, f"model.backbone.name={net}", f"train.seed={seed}"]
-            metrics, wall = transfer.run_stage(train_cls.main, argv_run, run_dir, out, start, ran,
-                                               tag="cifar_degradation", log_name=RUN_LOG)
+            metrics, wall = run_stage(train_cls.main, argv_run, run_dir, out, start, ran,
+                                      tag="cifar_degradation", log_name=RUN_LOG)
             train_top1 = metrics.get("train_top1")
             runs.append({"net": net, "seed": seed, "test_error": 100 - metrics["top1"],
                          "train_error": None if train_top1 is None else 100 - train_top1, "wall_s": wall,
                          "history": str(run_dir / HISTORY)})
 
     experiments = {
-        "cifar_degradation_train_error": _experiment("final training error (%, last epoch, augmented crops)",
-                                                     runs, "train_error"),
-        "cifar_test_error": _experiment("final test error (%)", runs, "test_error"),
+        "cifar_degradation_train_error": experiment_record(
+            "final training error (%, last epoch, augmented crops)", False,
+            [(r["net"], r["seed"], r["train_error"]) for r in runs]),
+        "cifar_test_error": experiment_record("final test error (%)", False,
+                                              [(r["net"], r["seed"], r["test_error"]) for r in runs]),
     }
-    summary_rows = transfer.summaries(experiments)
-    comparison_rows = transfer.compare_pairs(experiments, [(name, a, b) for name in experiments
-                                                           for a, b in orderings(args.nets)])
+    summary_rows = condition_statistics(experiments)
+    comparison_rows = compare_pairs(experiments, [(name, a, b) for name in experiments
+                                                  for a, b in orderings(args.nets)])
     results = {"nets": args.nets, "seeds": args.seeds, "config": str(args.config), "overrides": overrides,
                "runs": runs, "summaries": summary_rows, "comparisons": comparison_rows, "runs_done": ran,
                "wall_s": time.time() - start}
@@ -84,10 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
     walls = [r["wall_s"] for r in runs if r["wall_s"]]
     markdown = [f"# Degradation (Figure 6): {' '.join(args.nets)} x seeds {args.seeds}", "",
                 f"`{args.config}` {' '.join(overrides)}; errors in percent, statistics over seeds.", "",
-                *transfer.statistics_markdown(summary_rows, comparison_rows), "",
-                f"{len(runs)} runs, {transfer.fmt(sum(walls))} of training in all."]
+                *statistics_markdown(summary_rows, comparison_rows), "",
+                f"{len(runs)} runs, {format_duration(sum(walls))} of training in all."]
     (out / "results.md").write_text("\n".join(markdown) + "\n")
-    transfer.plot_degradation(runs, out / "degradation.png")
+    plot_degradation(runs, out / "degradation.png")
     print((out / "results.md").read_text())
     print(f"[cifar_degradation] done: {len(ran)} run(s) trained; results in {out}")
     return results
@@ -103,11 +107,6 @@ def orderings(nets: list[str]) -> list[tuple[str, str]]:
     pairs += [(b, a) for a, b in zip(resnet, resnet[1:])]
     pairs += [(r, f"plain{depth[r]}") for r in resnet if f"plain{depth[r]}" in nets]
     return pairs
-
-
-def _experiment(metric: str, runs: list[dict], key: str) -> dict:
-    return {"metric": metric, "higher_is_better": False,
-            "runs": [{"condition": r["net"], "seed": r["seed"], "value": r[key]} for r in runs if r[key] is not None]}
 
 
 if __name__ == "__main__":

@@ -20,33 +20,23 @@ An --out that already holds a predictions.json is refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
-from torchvision.ops import box_convert
-from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detection import Predictor as DetectionPredictor  # noqa: E402
-from detection.predictor import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
-from engine.images import DatasetError, as_rgb_array  # noqa: E402
+from detection.build import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
+from engine.config import ConfigError, load_task_config  # noqa: E402
+from engine.images import DatasetError, annotated_images, as_rgb_array, expand_inputs  # noqa: E402
 from segmentation import Predictor as SegmentationPredictor  # noqa: E402
 from segmentation.palette import overlay, save_palette_png  # noqa: E402
-from segmentation.predictor import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-GLOB_CHARS = set("*?[")
-
+from segmentation.build import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     if (out / "predictions.json").exists() and not args.overwrite:
         parser.error(f"{out} already holds predictions.json from an earlier run: pass --overwrite or another --out")
     try:
-        task, cfg = load_task_config(args.config)
+        task, cfg = load_task_config(args.config, {"detection": DET_DEFAULT, "segmentation": SEG_DEFAULT})
     except (ConfigError, FileNotFoundError) as error:
         parser.error(str(error))
 
@@ -108,12 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
         for (image_id, path, array), result in zip(loaded, results):
             entries.append({"id": image_id, "file_name": str(path), "width": array.shape[1], "height": array.shape[0]})
             stem = names.unique(path)
+            predictions += result.to_coco(image_id)
             if task == "detection":
-                predictions += detection_results(image_id, result)
-                Image.fromarray(draw_detections(array, result, args.render_thresh)).save(
+                Image.fromarray(result.drawn_on(array, args.render_thresh)).save(
                     out / "rendered" / f"{stem}.jpg", quality=92)
             else:
-                predictions += segmentation_results(image_id, result)
                 Image.fromarray(overlay(array, result.mask)).save(out / "rendered" / f"{stem}.jpg", quality=92)
                 save_palette_png(out / "masks" / f"{stem}.png", result.mask)
         progress.update(len(batch))
@@ -133,55 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
             "unreadable": unreadable}
 
 
-def load_task_config(path: Path) -> tuple[str, object]:
-    """(task, config): a config fits one tool's schema only (detection has model.rpn / roi, data.min_size;
-    segmentation model.output_stride, data.crop_size), so the one that loads tells the task."""
-    loaded, errors = {}, []
-    for task, default in (("detection", DET_DEFAULT), ("segmentation", SEG_DEFAULT)):
-        try:
-            loaded[task] = load_config(default, path)
-        except ConfigError as error:
-            errors.append(f"as {task}: {error}")
-    if len(loaded) == 1:
-        return next(iter(loaded.items()))
-    if not loaded:
-        raise ConfigError(f"{path} is neither a detection nor a segmentation config\n" + "\n".join(errors))
-    raise ConfigError(f"{path} fits both the detection and the segmentation schema: use the run's config.yaml")
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files as given, folders' images (recursively, sorted), glob patterns' matches (sorted). A path that is
-    neither is kept, so it is reported as unreadable rather than silently dropped."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif not path.exists() and GLOB_CHARS & set(item):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            paths += [p for p in matches if p.is_file()] or [path]
-        else:
-            paths.append(path)
-    return list(dict.fromkeys(paths))  # a file named twice is predicted once
-
-
 def numbered_images(paths: list[Path]) -> tuple[list[tuple[int, Path]], list[str]]:
     return list(enumerate(paths, start=1)), []
-
-
-def annotated_images(annotations: Path, folders: Sequence[str]) -> tuple[list[tuple[int, Path]], list[str]]:
-    """(image_id, path) of every image in a COCO json, found under the first --input folder that has it;
-    images found nowhere are returned as unreadable lines."""
-    data = json.loads(annotations.read_text())
-    found, missing = [], []
-    for image in data["images"]:
-        candidates = [Path(folder) / image["file_name"] for folder in folders]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            missing.append(f"{image['file_name']} (image id {image['id']}): not found in {list(folders)}")
-        else:
-            found.append((int(image["id"]), path))
-    return found, missing
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -201,38 +143,6 @@ class OutputNames:
             stem, k = f"{path.stem}_{k}", k + 1
         self.used.add(stem)
         return stem
-
-
-def draw_detections(array: np.ndarray, detections, threshold: float) -> np.ndarray:
-    """The image with the boxes scoring >= threshold, labelled "name score" (torchvision's drawing utility)."""
-    keep = np.flatnonzero(detections.scores >= threshold)
-    if not len(keep):
-        return array
-    drawn = draw_bounding_boxes(torch.from_numpy(array).permute(2, 0, 1), torch.from_numpy(detections.boxes[keep]),
-                                labels=[f"{detections.names[i]} {detections.scores[i]:.2f}" for i in keep],
-                                colors="orange", width=2)
-    return drawn.permute(1, 2, 0).numpy()
-
-
-def detection_results(image_id: int, detections) -> list[dict]:
-    xywh = box_convert(torch.from_numpy(detections.boxes).double(), "xyxy", "xywh").tolist()
-    # full precision: rounding would reorder near-tied scores and move AP off the run's own evaluation
-    return [{"image_id": image_id, "category_id": int(c), "bbox": box, "score": float(s)}
-            for box, s, c in zip(xywh, detections.scores, detections.category_ids)]
-
-
-def segmentation_results(image_id: int, segmentation) -> list[dict]:
-    """One RLE per predicted class (background, index 0, left out), as COCO's stuff-segmentation results."""
-    results = []
-    for index in np.unique(segmentation.mask).tolist():
-        if index == 0:
-            continue
-        region = segmentation.mask == index
-        rle = mask_utils.encode(np.asfortranarray(region.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
-        results.append({"image_id": image_id, "category_id": segmentation.category_ids[index], "segmentation": rle,
-                        "score": round(float(segmentation.confidence[region].mean()), 5)})
-    return results
 
 
 if __name__ == "__main__":

@@ -28,20 +28,19 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.build import build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
+from detection.build import DEFAULT_CONFIG, build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
 from detection.datasets import collate  # noqa: E402
 from detection.evaluation import CocoEvaluator, format_per_class_table  # noqa: E402
 from detection.fast import optimize_for_inference  # noqa: E402
 from detection.inference import evaluate  # noqa: E402
-from detection.models import build_detector, load_detector_weights  # noqa: E402
+from detection.models import build_detector  # noqa: E402
 from detection.quantize import calibration_batches, quantize_int8  # noqa: E402
 from detection.report import write_detection_report  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import barrier, cleanup, init_distributed, is_main_process  # noqa: E402
 from engine.loop import amp_dtype, eval_loader  # noqa: E402
 from engine.output import jsonable  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
+from engine.trained import build_trained_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     records, class_names, cat_ids = load_split(cfg.data, "val")
     loader = eval_loader(build_dataset(cfg.data, records, train=False), cfg.eval.batch_size, cfg.data.num_workers,
                          collate_fn=collate)
-    model = build_detector(cfg.model)
-    load_detector_weights(model, args.checkpoint)
+    model = build_trained_model(build_detector, cfg.model, args.checkpoint)
     if args.int8:
         if device.type != "cpu":
             parser.error(f"--int8 runs on the CPU (device={cfg.device})")
@@ -96,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimize_for_inference(model, compile=args.compile)
     model.to(device)
 
-    def run(scales: list[float], flip: bool) -> tuple[dict, CocoEvaluator]:
+    def evaluate_at(scales: list[float], flip: bool) -> tuple[dict, CocoEvaluator]:
         if args.coco91:
             evaluator = CocoEvaluator(cfg.data.val.annotations, list(range(1, 91)), backend=cfg.eval.backend)
         else:
@@ -106,9 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
         return metrics, evaluator
 
     tta = list(cfg.eval.scales) != [1.0] or cfg.eval.flip
-    metrics, evaluator = run(list(cfg.eval.scales), cfg.eval.flip)
+    metrics, evaluator = evaluate_at(list(cfg.eval.scales), cfg.eval.flip)
     if tta:
-        single, _ = run([1.0], False)
+        single, _ = evaluate_at([1.0], False)
         if is_main_process():
             key = "AP" if "AP" in metrics else "mAP"
             metrics["tta"] = {"scales": list(cfg.eval.scales), "flip": cfg.eval.flip, "metric": key,

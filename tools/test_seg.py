@@ -18,17 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
 from engine.distributed import cleanup, init_distributed, is_main_process  # noqa: E402
 from engine.loop import amp_dtype, eval_loader  # noqa: E402
 from engine.output import jsonable  # noqa: E402
-from segmentation.build import build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
+from engine.trained import build_trained_model  # noqa: E402
+from segmentation.build import (DEFAULT_CONFIG, build_dataset, check_classes, limit_samples,  # noqa: E402
+                                prepare_synthetic)
 from segmentation.evaluation import SegmentationEvaluator  # noqa: E402
 from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
 from segmentation.report import write_segmentation_report  # noqa: E402
-from train_seg import DEFAULT_CONFIG  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     prepare_synthetic(cfg.data)
     val_set = build_dataset(cfg.data, "val")
     check_classes(cfg.model.num_classes, val_set)
-    loader = eval_loader(first(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)
-    model = build_segmentation_model(cfg.model).to(device)
-    load_checkpoint(args.checkpoint, model=model, map_location=device)
+    loader = eval_loader(limit_samples(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)
+    model = build_trained_model(build_segmentation_model, cfg.model, args.checkpoint).to(device)
     evaluator = SegmentationEvaluator(len(val_set.class_names), class_names=val_set.class_names)
     metrics = evaluate(model, loader, val_set.class_names, device, scales=cfg.eval.scales, flip=cfg.eval.flip,
                        amp_dtype=amp_dtype(cfg.train.amp, device), evaluator=evaluator)

@@ -11,7 +11,6 @@ Writes to `output_dir`: config.yaml, last.pth, tb/ (TensorBoard), history.jsonl,
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from argparse import Namespace
@@ -21,36 +20,24 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.build import build_dataset, build_evaluator, load_split, prepare_synthetic  # noqa: E402
+from detection.build import (DEFAULT_CONFIG, build_dataset, build_evaluator, check_classes, load_split,  # noqa: E402
+                             prepare_synthetic)
 from detection.datasets import collate, validate_records  # noqa: E402
-from detection.inference import evaluate  # noqa: E402
+from detection.inference import evaluate, report  # noqa: E402
 from detection.models import build_detector  # noqa: E402
 from detection.report import write_detection_report  # noqa: E402
 from detection.samplers import GroupedBatchSampler, aspect_ratio_groups  # noqa: E402
-from engine.checkpoint import start_run  # noqa: E402
-from engine.config import parse_args  # noqa: E402
-from engine.demo_data import resolve_demo_data  # noqa: E402
-from engine.distributed import cleanup, init_distributed, is_main_process, main_process_first  # noqa: E402
+from engine.distributed import cleanup, is_main_process, main_process_first  # noqa: E402
+from engine.launch import run_training_tool, start_training  # noqa: E402
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
-from engine.random_state import seed_everything  # noqa: E402
-from engine.run_lock import lock_output_dir  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    start = time.time()
-    args, cfg = parse_args(__doc__, DEFAULT_CONFIG, argv)
-    resolve_demo_data(cfg, args)
-    with lock_output_dir(cfg.output_dir):  # one writer per run folder, taken before anything is written
-        return train(args, cfg, start)
+    return run_training_tool(__doc__, DEFAULT_CONFIG, argv, train)
 
 
 def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
-    checkpoint = start_run(cfg.output_dir, cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
-    rank, world_size, device = init_distributed(cfg.device)
-    amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read
-    seed_everything(cfg.train.seed, rank)
+    checkpoint, device = start_training(args, cfg)
 
     # --- data: images checked up front as data.validate says (a bad file stops us now, not hours into an epoch);
     # one that fails to decode mid-run is handled as data.skip_invalid says
@@ -59,9 +46,7 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
             prepare_synthetic(cfg.data)
     train_records, class_names, _ = load_split(cfg.data, "train")
     val_records, val_class_names, cat_ids = load_split(cfg.data, "val")
-    if class_names != val_class_names or len(class_names) != cfg.model.num_classes:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has {len(class_names)} "
-                         f"classes {class_names} (val: {len(val_class_names)})")
+    check_classes(cfg.model.num_classes, class_names, val_class_names)
     train_records, val_records = (validate_records(records, split=split, validate=cfg.data.validate,  # every rank
                                                    skip_invalid=cfg.data.skip_invalid, report_dir=cfg.output_dir)
                                   for records, split in ((train_records, "train"), (val_records, "val")))
@@ -102,18 +87,10 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
                                           records=val_records, run_dir=cfg.output_dir,
                                           gallery_size=cfg.eval.report_images)
             print(f"evaluation report: {page}")
-        report(metrics, cfg.output_dir, time.time() - start)
+        report(metrics)
+        print(f"metrics written to {cfg.output_dir}; wall time {(time.time() - start) / 60:.1f} min")
     cleanup()
     return metrics
-
-
-def report(metrics: dict, output_dir: str, seconds: float) -> None:
-    if "AP" in metrics:
-        print(f"COCO-style mAP@[.5:.95] = {metrics['AP']:.3f}   AP50 = {metrics['AP50']:.3f}   AP75 = {metrics['AP75']:.3f}")
-    else:
-        print(f"VOC mAP = {metrics['mAP']:.3f}")
-        print(json.dumps(metrics["AP_per_class"], indent=1))
-    print(f"metrics written to {output_dir}; wall time {seconds / 60:.1f} min")
 
 
 if __name__ == "__main__":

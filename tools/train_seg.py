@@ -20,36 +20,24 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.checkpoint import start_run  # noqa: E402
-from engine.config import parse_args  # noqa: E402
-from engine.demo_data import resolve_demo_data  # noqa: E402
-from engine.distributed import cleanup, init_distributed, is_main_process, main_process_first  # noqa: E402
+from engine.distributed import cleanup, is_main_process, main_process_first  # noqa: E402
+from engine.launch import run_training_tool, start_training  # noqa: E402
 from engine.loop import TrainingLoop, amp_dtype, eval_loader  # noqa: E402
-from engine.random_state import seed_everything  # noqa: E402
-from engine.run_lock import lock_output_dir  # noqa: E402
-from segmentation.build import build_dataset, check_classes, first, prepare_synthetic  # noqa: E402
+from segmentation.build import (DEFAULT_CONFIG, build_dataset, check_classes, limit_samples,  # noqa: E402
+                                prepare_synthetic)
 from segmentation.evaluation import SegmentationEvaluator  # noqa: E402
 from segmentation.inference import evaluate, report  # noqa: E402
 from segmentation.models import build_segmentation_model, segmentation_loss  # noqa: E402
 from segmentation.report import write_segmentation_report  # noqa: E402
 from segmentation.transforms import build_seg_transforms  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "seg" / "default.yaml"
-
 
 def main(argv: list[str] | None = None) -> dict:
-    start = time.time()
-    args, cfg = parse_args(__doc__, DEFAULT_CONFIG, argv)
-    resolve_demo_data(cfg, args)
-    with lock_output_dir(cfg.output_dir):  # one writer per run folder, taken before anything is written
-        return train(args, cfg, start)
+    return run_training_tool(__doc__, DEFAULT_CONFIG, argv, train)
 
 
 def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
-    checkpoint = start_run(cfg.output_dir, cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
-    rank, world_size, device = init_distributed(cfg.device)
-    amp_dtype(cfg.train.amp, device)  # an AMP mode this device cannot run fails before any data is read
-    seed_everything(cfg.train.seed, rank)
+    checkpoint, device = start_training(args, cfg)
 
     # --- data: samples checked up front as data.validate says, so a bad file stops us now, not hours in
     train_transform = build_seg_transforms(True, cfg.data.crop_size, scale_range=tuple(cfg.data.scale_range),
@@ -63,7 +51,7 @@ def train(args: Namespace, cfg: DictConfig, start: float) -> dict:
     for dataset, split in ((train_set, "train"), (val_set, "val")):  # on every rank: each checks its share
         dataset.validate(split=split, validate=cfg.data.validate, skip_invalid=cfg.data.skip_invalid,
                          report_dir=cfg.output_dir)
-    val_loader = eval_loader(first(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)  # full-size images
+    val_loader = eval_loader(limit_samples(val_set, cfg.data.val_limit), 1, cfg.data.num_workers)  # full-size images
 
     # --- model, the loss of one step, the evaluation
     model = build_segmentation_model(cfg.model).to(device)

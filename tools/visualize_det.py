@@ -16,14 +16,13 @@ from torchvision.utils import draw_bounding_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.build import build_dataset, load_split, prepare_synthetic  # noqa: E402
+from detection.build import DEFAULT_CONFIG, build_dataset, load_split, prepare_synthetic  # noqa: E402
 from detection.datasets import read_image  # noqa: E402
 from detection.fast import optimize_for_inference  # noqa: E402
 from detection.inference import to_original_size  # noqa: E402
-from detection.models import build_detector, load_detector_weights  # noqa: E402
+from detection.models import build_detector  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "det" / "default.yaml"
+from engine.trained import build_trained_model  # noqa: E402
 
 
 def draw(image_rgb: torch.Tensor, boxes: torch.Tensor, labels: list[str], colour: str) -> torch.Tensor:
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     dataset = build_dataset(cfg.data, records, train=False)
     model = None
     if not args.gt:
-        model = build_detector(cfg.model).eval()
-        load_detector_weights(model, args.checkpoint)
+        model = build_trained_model(build_detector, cfg.model, args.checkpoint).eval()
         if not args.no_fast:
             optimize_for_inference(model)
     args.out.mkdir(parents=True, exist_ok=True)

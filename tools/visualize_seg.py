@@ -18,13 +18,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
+from engine.images import image_to_tensor  # noqa: E402
+from engine.trained import build_trained_model  # noqa: E402
+from segmentation.build import DEFAULT_CONFIG, build_dataset, check_classes, prepare_synthetic  # noqa: E402
 from segmentation.evaluation import multiscale_flip_inference  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
 from segmentation.palette import overlay  # noqa: E402
-from segmentation.build import build_dataset, check_classes, prepare_synthetic  # noqa: E402
-from train_seg import DEFAULT_CONFIG  # noqa: E402
 
 GAP = 4  # white pixels between panels
 
@@ -44,15 +44,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prepare_synthetic(cfg.data)
     val_set = build_dataset(cfg.data, "val")
     check_classes(cfg.model.num_classes, val_set)
-    model = build_segmentation_model(cfg.model).to(device)
-    load_checkpoint(args.checkpoint, model=model, map_location=device)
-    model.eval()
+    model = build_trained_model(build_segmentation_model, cfg.model, args.checkpoint).to(device).eval()
 
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     for index in range(min(args.num, len(val_set))):
         image, mask = val_set.load_sample(index)
-        batch = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(device)
+        batch = image_to_tensor(image)[None].to(device)
         pred = multiscale_flip_inference(model, batch, tuple(cfg.eval.scales), cfg.eval.flip).argmax(1)[0].cpu().numpy()
         panels = [image, overlay(image, pred)] + ([overlay(image, mask)] if args.gt else [])
         gap = np.full((image.shape[0], GAP, 3), 255, dtype=np.uint8)
