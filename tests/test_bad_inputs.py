@@ -395,7 +395,7 @@ BAD_INPUTS = [
         {"id": 5, "image_id": 1, "category_id": 1, "bbox": ["1", "2", "3", "4"]}]),
      DatasetError, r"annotation id 5 .*bbox \['1'.*4 numbers"),
     ("det_bbox_negative", lambda tmp: det_action(tmp, annotations=[
-        {"id": 6, "image_id": 1, "category_id": 1, "bbox": [5, 5, -3, 4]}]), DatasetError, r"annotation id 6.*area"),
+        {"id": 6, "image_id": 1, "category_id": 1, "bbox": [5, 5, -3, 4]}]), DatasetError, r"annotation id 6.*negative width or height"),
     ("det_category_unknown", lambda tmp: det_action(tmp, annotations=[
         {"id": 7, "image_id": 1, "category_id": 99, "bbox": [1, 1, 4, 4]}]), DatasetError, r"annotation id 7.*99"),
     ("det_category_bool", lambda tmp: det_action(tmp, annotations=[
