@@ -164,13 +164,17 @@ def voc_det_escape(tmp: Path) -> Callable[[], object]:
 
 # ------------------------------------------------------------------ weights files
 
-def weights_file(tmp: Path, content: bytes | dict) -> Path:
-    path = tmp / "weights.pth"
+def torch_file(path: Path, content: bytes | object) -> Path:
+    """`path` holding `content`: bytes as they are, anything else through torch.save."""
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
         torch.save(content, path)
     return path
+
+
+def weights_file(tmp: Path, content: bytes | dict) -> Path:
+    return torch_file(tmp / "weights.pth", content)
 
 
 def load_weights(content: bytes | dict, name: str = "resnet18") -> Callable[[Path], Callable[[], object]]:
@@ -214,10 +218,9 @@ def earlier_run(tmp: Path, overrides: tuple[str, ...] = ()) -> Path:
 def earlier_run_with(tmp: Path, last_pth: bytes | dict) -> Path:
     """earlier_run whose last.pth holds `last_pth` (bytes as they are, a dict merged into the checkpoint's)."""
     run = earlier_run(tmp)
-    if isinstance(last_pth, bytes):
-        (run / "last.pth").write_bytes(last_pth)
-    else:
-        torch.save({**torch.load(run / "last.pth", weights_only=True), **last_pth}, run / "last.pth")
+    if not isinstance(last_pth, bytes):
+        last_pth = {**torch.load(run / "last.pth", weights_only=True), **last_pth}
+    torch_file(run / "last.pth", last_pth)
     return run
 
 
@@ -227,18 +230,9 @@ def truncated_checkpoint(tmp: Path) -> bytes:
     return data[: len(data) // 2]
 
 
-def checkpoint_file(tmp: Path, content: bytes | object) -> Path:
-    path = tmp / "ckpt.pth"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        torch.save(content, path)
-    return path
-
-
 def load_as(loader: Callable[[Path], object], content: Callable[[Path], bytes | object]):
     """`loader(path)` on a checkpoint file holding `content(tmp)`."""
-    return lambda tmp: (lambda path: lambda: loader(path))(checkpoint_file(tmp, content(tmp)))
+    return lambda tmp: (lambda path: lambda: loader(path))(torch_file(tmp / "ckpt.pth", content(tmp)))
 
 
 _held_locks: list[int] = []  # the fds of locks a row holds, as another run would (closed with the test process)
