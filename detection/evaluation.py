@@ -149,7 +149,7 @@ def records_to_coco(records: Sequence[ImageRecord], class_names: Sequence[str],
     images, annotations = [], []
     for r in records:
         images.append({"id": r.image_id, "file_name": Path(r.path).name, "width": r.width, "height": r.height})
-        xywh = box_convert(torch.as_tensor(r.boxes, dtype=torch.float64).reshape(-1, 4), "xyxy", "xywh").tolist()
+        xywh = box_convert(torch.from_numpy(r.boxes.astype(np.float64)).reshape(-1, 4), "xyxy", "xywh").tolist()
         for box, label, ignore in zip(xywh, r.labels.tolist(), r.ignore.tolist()):
             annotations.append({"id": len(annotations) + 1, "image_id": r.image_id, "category_id": cat_ids[label - 1],
                                 "bbox": box, "area": box[2] * box[3], "iscrowd": int(ignore)})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import sys
@@ -139,8 +140,8 @@ def test_interrupted_full_check_resumes_from_its_cache(tmp_path, monkeypatch):
 
 
 def numpy_checked_box(box, width, height):
-    """detection.datasets._checked_box in numpy (as it was before issue 21, zero-size boxes now passed on to
-    data.min_box_size): the reference for the Python one."""
+    """One box checked as detection.datasets did box by box before issue 21 (zero-size boxes now passed on to
+    data.min_box_size): the reference for the vectorised check."""
     b = np.asarray(box, dtype=np.float64)
     if b.shape != (4,) or not np.isfinite(b).all():
         return None, "is not 4 finite numbers"
@@ -152,7 +153,7 @@ def numpy_checked_box(box, width, height):
     return b.astype(np.float32), ""
 
 
-def test_box_check_in_python_floats_gives_numpys_results_bit_for_bit():
+def test_vectorised_box_check_gives_the_per_box_results_bit_for_bit():
     rng = np.random.default_rng(0)
     edges = [-2, -1, -0.5, -0.0, 0, 0.3, 1, 5, 19.9999999, 20, 20.5, 21, 22, 16, 16.7, 17.5, float("nan"),
              float("inf"), 1e300, 2 ** 60 + 1, 1 / 3]
@@ -161,6 +162,99 @@ def test_box_check_in_python_floats_gives_numpys_results_bit_for_bit():
         (got, why), (expected, expected_why) = _checked_box(box, 20, 16), numpy_checked_box(box, 20, 16)
         assert why == expected_why, box
         assert got is None if expected is None else got.tobytes() == expected.tobytes(), box
+
+
+def reference_coco_load(images_dir: Path, annotations: Path) -> tuple[list[ImageRecord], list[str]]:
+    """COCO loading image by image and annotation by annotation (the pre-issue-21 code path, without its checks
+    of ids and file names, which the fuzzed file below keeps valid): (records, problems in file order)."""
+    data = json.loads(annotations.read_text())
+    label_of = {c["id"]: k for k, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]), start=1)}
+    records, problems = [], []
+    for img in data["images"]:
+        path, width, height = images_dir / img["file_name"], img.get("width"), img.get("height")
+        if any(v is not None and not (type(v) is int and v > 0) for v in (width, height)):
+            problems.append(f"{annotations}: image id {img['id']} ({img['file_name']}): width {width!r} / height "
+                            f"{height!r} must be positive integers (or absent: then read from the file)")
+            continue
+        if not path.is_file():
+            problems.append(f"{annotations}: image id {img['id']}: file {path} does not exist")
+            continue
+        if not (width and height):
+            width, height = Image.open(path).size
+        boxes, labels, ignore = [], [], []
+        for ann in (a for a in data["annotations"] if a["image_id"] == img["id"]):
+            where = f"{annotations}: annotation id {ann['id']} (image {path.name})"
+            category, bbox, crowd = ann["category_id"], ann["bbox"], ann.get("iscrowd", 0)
+            if type(category) is not int or category not in label_of:
+                problems.append(f"{where}: category_id {category!r} is not in 'categories'")
+            elif not (type(bbox) is list and len(bbox) == 4 and all(type(v) in (int, float) for v in bbox)):
+                problems.append(f"{where}: bbox {bbox!r} must be a list of 4 numbers [x, y, width, height]")
+            elif crowd not in (0, 1) or isinstance(crowd, float):
+                problems.append(f"{where}: iscrowd {crowd!r} must be 0 or 1")
+            else:
+                x, y, w, h = (float(v) if abs(v) < 1e308 else float("inf") for v in bbox)
+                box, why = numpy_checked_box([x, y, x + w, y + h], width, height)
+                if box is None:
+                    problems.append(f"{where}: bbox {bbox} (xywh) {why}")
+                else:
+                    boxes.append(box), labels.append(label_of[category]), ignore.append(bool(crowd))
+        records.append(ImageRecord(str(path), width, height, np.array(boxes, np.float32).reshape(-1, 4),
+                                   np.array(labels, np.int64), np.array(ignore, bool), img["id"]))
+    return records, problems
+
+
+def test_coco_loaded_all_at_once_equals_image_by_image_loading(tmp_path, caplog):
+    """Fuzzed annotations of every kind, good and bad, in shuffled order: the same records and the same problems
+    in the same order as the per-annotation reference."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images, sizes = [], []
+    for image_id in range(1, 121):
+        name, width, height = f"{image_id:03d}.jpg", int(rng.integers(8, 40)), int(rng.integers(8, 40))
+        sizes.append((width, height))
+        if rng.random() > 0.05:  # else the file is missing
+            Image.new("RGB", (width, height)).save(folder / name)
+        image = {"id": image_id * 7, "file_name": name, "width": width, "height": height}
+        if rng.random() < 0.05:
+            image["width"] = [-1, 0, 2.5, "9", True][int(rng.integers(5))]
+        elif rng.random() < 0.05:
+            del image["width"], image["height"]  # read from the file
+        images.append(image)
+    odd = [0, -0.5, -1.5, 0.4, float("nan"), float("inf"), 10 ** 400, 99, True, "2", None]
+    annotations = []
+    for ann_id in range(1, 1501):
+        index = int(rng.integers(0, 120))
+        width, height = sizes[index]
+        x, y = rng.uniform(-1, width), rng.uniform(-1, height)
+        bbox = [round(float(v), 2) for v in (x, y, rng.uniform(-0.5, width - x + 1), rng.uniform(-0.5, height - y + 1))]
+        bbox = [odd[int(rng.integers(len(odd)))] if rng.random() < 0.02 else int(v) if rng.random() < 0.2 else v
+                for v in bbox]
+        if rng.random() < 0.01:
+            bbox = [bbox[:3], "1 2 3 4", None, {"x": 1}][int(rng.integers(4))]
+        ann = {"id": ann_id, "image_id": (index + 1) * 7, "bbox": bbox,
+               "category_id": ([1, 3, 9][int(rng.integers(3))] if rng.random() < 0.97
+                               else [4, True, "3", 3.0][int(rng.integers(4))]),
+               "iscrowd": int(rng.random() < 0.1) if rng.random() < 0.97 else [True, 2, 0.0, "0"][int(rng.integers(4))]}
+        if rng.random() < 0.1:
+            del ann["iscrowd"]
+        annotations.append(ann)
+    categories = [{"id": 9, "name": "c9"}, {"id": 1, "name": "c1"}, {"id": 3, "name": "c3"}]
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                   "categories": categories}))
+    expected_records, expected_problems = reference_coco_load(folder, tmp_path / "ann.json")
+    assert 50 < len(expected_problems) < 800 and len(expected_records) > 100  # every kind, not all bad
+
+    caplog.set_level(logging.WARNING, logger="detection.datasets")
+    records, names, cat_ids = load_coco_records(folder, tmp_path / "ann.json", skip_invalid=True)
+    problems = [r.getMessage().removeprefix("skipped: ") for r in caplog.records
+                if r.getMessage().startswith("skipped:")]
+    assert problems == expected_problems
+    assert (names, cat_ids) == (["c1", "c3", "c9"], [1, 3, 9])
+    assert len(records) == len(expected_records) and all(map(same_record, records, expected_records))
+    with pytest.raises(DatasetError) as first:
+        load_coco_records(folder, tmp_path / "ann.json")
+    assert str(first.value) == expected_problems[0]
 
 
 # ------------------------------------------------------------------ the records store
