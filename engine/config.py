@@ -24,6 +24,11 @@ from .config_spec import check_value, inferred_rule, load_spec
 
 BASE_KEY = "_base_"
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/: every default lives there
+if not CONFIGS_DIR.is_dir():  # a non-editable install copies the packages without configs/ (and tools/)
+    raise ImportError(f"ResDet runs from its checkout, like torchvision's references: {CONFIGS_DIR} does not exist, so "
+                      "this is a copy of the packages without their configs/ (a non-editable `pip install .`?). Clone "
+                      "the repository and install it editable (`make install`, or `pip install -e .` in the checkout); "
+                      "only `backbones` works on its own")
 COMMAND_LINE = "command line"
 
 
