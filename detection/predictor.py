@@ -69,27 +69,37 @@ class Detections:
 def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
     """Class names and the data's category id of labels 1..K, without loading the dataset: COCO categories
     from the annotation json the config names (val first), VOC names from the config; category ids are the
-    COCO ids, or 1..K for VOC."""
+    COCO ids, or 1..K for VOC. `data.classes` selects and orders them as training did (`select_classes`)."""
     data, num_classes = cfg.data, cfg.model.num_classes
-    if data.format == "voc":
-        names = list(data.class_names or VOC_CLASSES)
-    else:
-        for split in ("val", "train"):
-            path = Path(data[split].annotations)
-            if path.is_file():
-                categories = sorted(json.loads(path.read_text())["categories"], key=lambda c: c["id"])
-                return [str(c["name"]) for c in categories], [int(c["id"]) for c in categories]
-        if data.class_names:
-            names = list(data.class_names)
-        elif data.synthetic.enabled is True:
-            names = list(SHAPES_CLASSES)
-        else:
-            logger.warning("no annotation json found (%s): classes are named class_1..class_%d",
-                           data.val.annotations, num_classes)
-            names = [f"class_{k}" for k in range(1, num_classes + 1)]
+    names, ids = _data_classes(data)
+    if data.classes:
+        if names is not None and any(name not in names for name in data.classes):
+            raise ValueError(f"data.classes={list(data.classes)} names classes the data does not have: {names}")
+        ids = [ids[names.index(name)] for name in data.classes] if ids is not None else None
+        names = list(data.classes)
+    if names is None:
+        logger.warning("no annotation json found (%s): classes are named class_1..class_%d", data.val.annotations,
+                       num_classes)
+        names = [f"class_{k}" for k in range(1, num_classes + 1)]
     if len(names) != num_classes:
         raise ValueError(f"model.num_classes={num_classes} but the data config names {len(names)} classes {names}")
-    return names, list(range(1, len(names) + 1))
+    return names, ids or list(range(1, len(names) + 1))
+
+
+def _data_classes(data: DictConfig) -> tuple[list[str] | None, list[int] | None]:
+    """(every class name of the data, their COCO category ids or None for 1..K); (None, None) when unknown."""
+    if data.format == "voc":
+        return list(data.class_names or VOC_CLASSES), None
+    for split in ("val", "train"):
+        path = Path(data[split].annotations)
+        if path.is_file():
+            categories = sorted(json.loads(path.read_text())["categories"], key=lambda c: c["id"])
+            return [str(c["name"]) for c in categories], [int(c["id"]) for c in categories]
+    if data.class_names:
+        return list(data.class_names), None
+    if data.synthetic.enabled is True:
+        return list(SHAPES_CLASSES), None
+    return None, None
 
 
 def test_resize_sides(data: DictConfig) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from detection.build import build_evaluator, load_split
+from detection.predictor import label_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,20 @@ def test_coco_classes_relabel_in_given_order_and_keep_negatives(tmp_path):
     assert {a["category_id"] for a in evaluator.coco_gt["annotations"]} == {18, 1}
     evaluator.update(11, [[1, 1, 6, 6], [2, 2, 8, 8]], [0.9, 0.8], [1, 2])
     assert evaluator.compute()["AP50"] == pytest.approx(1.0)
+
+
+def test_predictor_names_and_ids_follow_data_classes(tmp_path):
+    """The Predictor (and visualize_det / predict.py through it) labels with the selected classes, in the
+    training order, with their COCO ids: the same label space as load_split's."""
+    data = _data(_coco(tmp_path), classes=["dog", "person"])
+    cfg = OmegaConf.create({"data": data, "model": {"num_classes": 2}})
+    assert label_space(cfg) == (["dog", "person"], [18, 1]) == tuple(load_split(data, "val")[1:])
+    cfg.data.classes = None
+    cfg.model.num_classes = 3
+    assert label_space(cfg) == (["person", "car", "dog"], [1, 3, 18])
+    cfg.data.classes, cfg.model.num_classes = ["cat"], 1
+    with pytest.raises(ValueError, match="data.classes=.'cat'. names classes the data does not have"):
+        label_space(cfg)
 
 
 def test_coco_classes_drop_empty_and_unknown_names(tmp_path):

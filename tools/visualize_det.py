@@ -1,4 +1,4 @@
-"""Draw detections (or the ground truth) onto validation images -> PNG files.
+"""Draw detections (the Predictor's, as predict.py gives them) or the ground truth onto validation images -> PNG files.
 
     python tools/visualize_det.py --config outputs/det_default/config.yaml \
         --checkpoint outputs/det_default/last.pth --out outputs/det_default/vis --num 8
@@ -16,18 +16,10 @@ from torchvision.utils import draw_bounding_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detection.build import DEFAULT_CONFIG, build_dataset, load_split, prepare_synthetic  # noqa: E402
+from detection.build import DEFAULT_CONFIG, load_split, prepare_synthetic  # noqa: E402
 from detection.datasets import read_image  # noqa: E402
-from detection.fast import optimize_for_inference  # noqa: E402
-from detection.inference import to_original_size  # noqa: E402
-from detection.models import build_detector  # noqa: E402
+from detection.predictor import Predictor  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
-from engine.trained import build_trained_model  # noqa: E402
-
-
-def draw(image_rgb: torch.Tensor, boxes: torch.Tensor, labels: list[str], colour: str) -> torch.Tensor:
-    """uint8 [3,H,W] image with labelled boxes (torchvision's drawing utility)."""
-    return draw_bounding_boxes(image_rgb, boxes, labels=labels, colors=colour, width=2)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -53,30 +45,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prepare_synthetic(cfg.data)  # the built-in demo data, if the config uses it (no-op once written)
     records, class_names, _ = load_split(cfg.data, "val")
     records = records[: args.num]
-    dataset = build_dataset(cfg.data, records, train=False)
-    model = None
-    if not args.gt:
-        model = build_trained_model(build_detector, cfg.model, args.checkpoint).eval()
-        if not args.no_fast:
-            optimize_for_inference(model)
+    predictor = None if args.gt else Predictor(cfg, args.checkpoint, score_thresh=args.score_thresh,
+                                                fast=not args.no_fast)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
-    for index, record in enumerate(records):
-        original = torch.from_numpy(read_image(record.path)).permute(2, 0, 1).contiguous()
-        if model is None:
-            boxes, labels, scores = torch.from_numpy(record.boxes), torch.from_numpy(record.labels), None
+    for record in records:
+        image = read_image(record.path)
+        if predictor is None:
+            drawn = draw_bounding_boxes(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(record.boxes),
+                                        labels=[class_names[label - 1] for label in record.labels.tolist()],
+                                        colors="lime", width=2).permute(1, 2, 0).numpy()
         else:
-            image, target = dataset[index]
-            with torch.no_grad():
-                output = model([image])[0]
-            keep = output["scores"] >= args.score_thresh
-            boxes = to_original_size(output["boxes"][keep], image, target["orig_size"])
-            labels, scores = output["labels"][keep], output["scores"][keep]
-        names = [class_names[int(label) - 1] + ("" if scores is None else f" {float(s):.2f}")
-                 for label, s in zip(labels, scores if scores is not None else labels)]
-        drawn = draw(original, boxes, names, "lime" if model is None else "orange")
+            drawn = predictor(image).drawn_on(image, args.score_thresh)
         path = args.out / f"{Path(record.path).stem}.png"
-        write_png(drawn, str(path))
+        write_png(torch.from_numpy(drawn).permute(2, 0, 1).contiguous(), str(path))
         written.append(path)
     print(f"wrote {len(written)} images to {args.out}")
     return written
