@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for record in records:
         image = read_image(record.path)
         if predictor is None:
-            drawn = draw_bounding_boxes(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(record.boxes),
+            drawn = draw_bounding_boxes(torch.from_numpy(image).permute(2, 0, 1), torch.tensor(record.boxes),
                                         labels=[class_names[label - 1] for label in record.labels.tolist()],
                                         colors="lime", width=2).permute(1, 2, 0).numpy()
         else:
