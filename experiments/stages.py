@@ -3,15 +3,19 @@ folder unless its metrics.json is there (a stage with only last.pth resumes), so
 continues where it stopped. Used by tools/transfer.py and tools/cifar_degradation.py."""
 from __future__ import annotations
 
-import gc
 import json
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from engine.preemption import EXIT_PREEMPTED, STOP_SIGNALS
 
 METRICS = "metrics.json"
 WALL_TIME = "wall_time.json"  # written next to a stage's metrics.json
 STAGE_LOG = "stages.log"
+TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"  # the checkout's tools/ (README: a checkout toolkit)
 
 
 def tiny_imagenet_subset(root: Path, num_classes: int, parent: Path, fmt: str) -> Path:
@@ -37,11 +41,12 @@ def tiny_imagenet_subset(root: Path, num_classes: int, parent: Path, fmt: str) -
     return dst
 
 
-def run_stage(tool_main: Callable[[list[str]], dict], argv: list[str], stage_dir: Path, out: Path, start: float,
-              ran: list[str], *, tag: str = "transfer", log_name: str = STAGE_LOG) -> tuple[dict, float | None]:
-    """Run one training entry point (`tool_main(argv)`, e.g. train_cls.main) into `stage_dir` unless its
+def run_stage(tool: str, argv: list[str], stage_dir: Path, out: Path, start: float, ran: list[str], *,
+              tag: str = "transfer", log_name: str = STAGE_LOG) -> tuple[dict, float | None]:
+    """Run the training tool `tools/<tool>.py` (e.g. "train_cls") with `argv` into `stage_dir` unless its
     metrics.json exists (resuming it when it holds a checkpoint); return (metrics, wall seconds of the run).
-    Progress lines go to stdout and `out/log_name`."""
+    Progress lines go to stdout and `out/log_name`. A stage stopped by a signal (its preemption checkpoint
+    written) or failing ends the experiment with the stage's exit status; the same command continues it."""
     def log(line: str) -> None:
         line = f"[{tag} {format_duration(time.time() - start)}] {stage_dir.relative_to(out)}: {line}"
         print(line, flush=True)
@@ -54,15 +59,32 @@ def run_stage(tool_main: Callable[[list[str]], dict], argv: list[str], stage_dir
         log("done before, skipped")
         return metrics, wall
     argv = ["--resume", "auto", *argv, f"output_dir={stage_dir}"]  # interrupted mid-stage: continue where it stopped
-    log(f"running {' '.join(argv)}")
+    log(f"running {tool} {' '.join(argv)}")
     t0 = time.time()
-    metrics = tool_main(argv)
+    status = run_tool(tool, argv)
     wall = time.time() - t0
+    if status != 0:
+        log(f"stopped with exit status {status} after {format_duration(wall)}"
+            + (" (a signal: its checkpoint is written; the same command continues it)" if status == EXIT_PREEMPTED
+               else "; its output is above"))
+        raise SystemExit(status)
     (stage_dir / WALL_TIME).write_text(json.dumps({"seconds": wall}) + "\n")
     ran.append(str(stage_dir.relative_to(out)))
-    gc.collect()
     log(f"finished in {format_duration(wall)}")
-    return metrics, wall
+    return json.loads((stage_dir / METRICS).read_text()), wall
+
+
+def run_tool(tool: str, argv: list[str]) -> int:
+    """`python tools/<tool>.py argv` as a child process (a tool never imports another); the stop signals this
+    process gets (a scheduler's SIGTERM / SIGUSR1, Ctrl-C) are passed on to it, so it writes its preemption
+    checkpoint (a signal that also reached it directly is the same request: engine.preemption). Its exit status."""
+    child = subprocess.Popen([sys.executable, str(TOOLS_DIR / f"{tool}.py"), *argv])
+    previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum)) for sig in STOP_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def format_duration(seconds: float) -> str:

@@ -1,6 +1,9 @@
 """tools/transfer.py: the whole pretrain -> detect (pretrained and scratch) pipeline, its outputs and its resume."""
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import transfer  # noqa: E402
 from classification.datasets import build_cls_dataset  # noqa: E402
+import experiments.stages as stages  # noqa: E402
 from experiments.stages import tiny_imagenet_subset  # noqa: E402
 from experiments.statistics import compare_pairs, condition_statistics  # noqa: E402
 from experiments.transfer import comparisons, reproduction_experiments, results_markdown  # noqa: E402
@@ -171,3 +175,34 @@ def test_a_variant_names_its_own_experiments():
     held = {(c["experiment"], c["a"], c["b"]) for c in comparisons(variant, results["backbones"])}
     assert ("transfer_raccoon_ap_pretrain15ep", "resnet18_pretrained", "resnet18_scratch") in held
     assert ("pretrain_top1_pretrain15ep", "resnet18", "plain18") in held
+
+
+def test_a_stage_runs_as_a_child_process_and_gets_the_stop_signal(tmp_path, monkeypatch):
+    """A scheduler's SIGTERM to the experiment reaches the running stage (which writes its checkpoint and exits
+    EXIT_PREEMPTED); the experiment then stops with the same status and marks nothing done."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "fake_train.py").write_text(
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+        "pathlib.Path(sys.argv[-1].split('=', 1)[1], 'started').touch()\n"
+        "time.sleep(60)\n")
+    monkeypatch.setattr(stages, "TOOLS_DIR", tools)
+    stage_dir = tmp_path / "out" / "stage"
+    stage_dir.mkdir(parents=True)
+
+    def terminate_when_started() -> None:
+        deadline = time.time() + 30
+        while not (stage_dir / "started").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process, as a scheduler would: run_tool passes it on
+
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_when_started, daemon=True).start()
+    start = time.time()
+    with pytest.raises(SystemExit) as stopped:
+        stages.run_stage("fake_train", [], stage_dir, tmp_path / "out", start, [])
+    assert stopped.value.code == stages.EXIT_PREEMPTED and time.time() - start < 30
+    assert not (stage_dir / stages.WALL_TIME).exists()
+    assert "stopped with exit status 75" in (tmp_path / "out" / stages.STAGE_LOG).read_text()
+    assert signal.getsignal(signal.SIGTERM) == handler  # ours again once the stage is over

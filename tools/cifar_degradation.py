@@ -5,9 +5,9 @@
     python tools/cifar_degradation.py --config configs/cls/cifar10_resnet_paper.yaml \
         --output-dir outputs/cifar10_degradation data.root=/data/cifar-10-batches-py device=cuda   # the real thing
 
-For every seed x net, tools/train_cls.py runs in-process (`main(argv)`) with the given config and overrides plus
-model.backbone.name, train.seed and output_dir=<output-dir>/<net>/seed<k>. A run whose metrics.json exists is not
-redone (one with only last.pth is resumed), so rerunning the command continues an interrupted experiment.
+For every seed x net, tools/train_cls.py runs as a child process (experiments.stages.run_tool) with the given
+config and overrides plus model.backbone.name, train.seed and output_dir=<output-dir>/<net>/seed<k>. A run whose
+metrics.json exists is not redone (one with only last.pth is resumed), so rerunning the command continues an interrupted experiment.
 `--class-subset N` trains on the first N (sorted) classes of a tiny-imagenet format data.root (symlinks in
 <output-dir>/data/). Writes to <output-dir>: results.json (final errors per run, statistics, comparisons),
 results.md, reproduction.json (experiments cifar_degradation_train_error and cifar_test_error, in percent: the
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[0]))  # the sibling tools
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import train_cls  # noqa: E402
+from classification.build import DEFAULT_CONFIG as CLS_DEFAULT_CONFIG  # noqa: E402
 from engine.config import CONFIGS_DIR, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 from experiments.figures import plot_degradation  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(args.overrides)
     if args.class_subset:
-        data = load_config(train_cls.DEFAULT_CONFIG, args.config, overrides).data
+        data = load_config(CLS_DEFAULT_CONFIG, args.config, overrides).data
         subset = tiny_imagenet_subset(Path(data.root), args.class_subset, out / "data", data.format)
         overrides.append(f"data.root={subset}")
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         for net in args.nets:
             run_dir = out / net / f"seed{seed}"
             argv_run = [f"--config={args.config}", *overrides, f"model.backbone.name={net}", f"train.seed={seed}"]
-            metrics, wall = run_stage(train_cls.main, argv_run, run_dir, out, start, ran,
+            metrics, wall = run_stage("train_cls", argv_run, run_dir, out, start, ran,
                                       tag="cifar_degradation", log_name=RUN_LOG)
             train_top1 = metrics.get("train_top1")
             runs.append({"net": net, "seed": seed, "test_error": 100 - metrics["top1"],

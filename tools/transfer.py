@@ -6,7 +6,7 @@
 
 For every backbone x seed: (1) pretrain a classifier with tools/train_cls.py, (2) train Faster R-CNN with
 tools/train_det.py from that classifier's backbone.pth AND from scratch (same schedule), (3) collect the metrics.
-Both tools run in-process through their `main(argv)`, with overrides built from this config.
+Both tools run as child processes (experiments.stages.run_tool), with overrides built from this config.
 
 Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scratch}`; a stage whose
 metrics.json exists is not redone (a stage with only last.pth is resumed), so rerunning the same command
@@ -30,9 +30,9 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[0]))  # the sibling tools
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import train_cls  # noqa: E402
-import train_det  # noqa: E402
 from backbones.build import backbone_names  # noqa: E402
+from classification.build import DEFAULT_CONFIG as CLS_DEFAULT_CONFIG  # noqa: E402
+from detection.build import DEFAULT_CONFIG as DET_DEFAULT_CONFIG  # noqa: E402
 from engine.config import CONFIGS_DIR, ConfigError, config_or_exit, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 from experiments.figures import plot_degradation, plot_orderings, plot_transfer  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cls_shared = [*cfg.cls.overrides]
     if cfg.cls.class_subset:  # pretrain on the first N classes only: a linked copy of the dataset's folder
-        cls_data = load_config(train_cls.DEFAULT_CONFIG, cfg.cls.config, cls_shared).data
+        cls_data = load_config(CLS_DEFAULT_CONFIG, cfg.cls.config, cls_shared).data
         subset = tiny_imagenet_subset(Path(cls_data.root), cfg.cls.class_subset, out / "data", cls_data.format)
         cls_shared.append(f"data.root={subset}")
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             cls_dir = run_dir / "cls" if cfg.cls.seed is None else out / backbone / f"pretrain_seed{cls_seed}"
             cls_argv = _argv(cfg.cls.config, [*cls_shared, *extra.get("cls", []), f"model.backbone.name={backbone}",
                                               f"train.seed={cls_seed}"])
-            cls_metrics, cls_wall = run_stage(train_cls.main, cls_argv, cls_dir, out, start, ran)
+            cls_metrics, cls_wall = run_stage("train_cls", cls_argv, cls_dir, out, start, ran)
             if not any(c["backbone"] == backbone and c["seed"] == cls_seed for c in classification):
                 classification.append({"backbone": backbone, "seed": cls_seed, "top1": cls_metrics["top1"],
                                        "top5": cls_metrics.get("top5"), "train_top1": cls_metrics.get("train_top1"),
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                 det_argv = _argv(cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
                                                   f"model.backbone.weights={weights}"])
                 det_dir = run_dir / ("det_pretrained" if pretrained else "det_scratch")
-                det_metrics, det_wall = run_stage(train_det.main, det_argv, det_dir, out, start, ran)
+                det_metrics, det_wall = run_stage("train_det", det_argv, det_dir, out, start, ran)
                 cells.append({"backbone": backbone, "seed": seed, "pretrained": pretrained,
                               **{k: v for k, v in det_metrics.items() if not isinstance(v, dict)},
                               "per_class": {k.removesuffix("_per_class"): v for k, v in det_metrics.items()
@@ -135,10 +135,10 @@ def check_stage_configs(parser: argparse.ArgumentParser, cfg, scratch: list[str]
     for backbone in cfg.backbones:
         extra = cfg.per_backbone.get(backbone, {})
         common = [f"model.backbone.name={backbone}", f"train.seed={cfg.seeds[0]}"]
-        stages = [("pretraining", train_cls.DEFAULT_CONFIG, cfg.cls.config, [*cfg.cls.overrides, *extra.get("cls", []),
+        stages = [("pretraining", CLS_DEFAULT_CONFIG, cfg.cls.config, [*cfg.cls.overrides, *extra.get("cls", []),
                                                                             *common])]
         for weights in ("pretrained.pth", None) if backbone in scratch else ("pretrained.pth",):
-            stages.append((f"detection ({'pretrained' if weights else 'scratch'})", train_det.DEFAULT_CONFIG,
+            stages.append((f"detection ({'pretrained' if weights else 'scratch'})", DET_DEFAULT_CONFIG,
                            cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
                                             f"model.backbone.weights={weights or 'null'}"]))
         for stage, default, config, overrides in stages:
