@@ -49,8 +49,9 @@ def load_split(data: Mapping[str, Any], split: str) -> tuple[list[ImageRecord], 
     records, small = drop_small_boxes(records, data["min_box_size"], drop=split == "train")
     if small:
         what = "dropped before training" if split == "train" else "kept: the evaluation follows the annotations"
-        logger.warning("%s split: %d box(es) narrower or lower than data.min_box_size=%g px, %s: %s", split,
-                       len(small), data["min_box_size"], what,
+        below = (f"narrower or lower than data.min_box_size={data['min_box_size']:g} px" if data["min_box_size"] > 0
+                 else "of zero width or height")
+        logger.warning("%s split: %d box(es) %s, %s: %s", split, len(small), below, what,
                        "; ".join(f"{path} {class_names[label - 1]} {box}" for path, box, label in small))
     return records, class_names, cat_ids
 

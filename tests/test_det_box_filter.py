@@ -99,6 +99,7 @@ def test_coco_zero_width_box_is_dropped_and_named_even_with_min_box_size_0(tmp_p
     (root / "instances.json").write_text(json.dumps(coco))
     train, _, _ = load_split(_data("coco", root, "data.min_box_size=0"), "train")
     np.testing.assert_array_equal(train[0].boxes, [[9, 9, 30, 25]])
+    assert "train split: 1 box(es) of zero width or height, dropped before training" in caplog.text
     assert "a.jpg cell [4.0, 5.0, 4.0, 8.0]" in caplog.text
     val, _, _ = load_split(_data("coco", root, "data.min_box_size=0"), "val")
     assert len(val[0].boxes) == 2  # val keeps it: the evaluation follows the annotations
