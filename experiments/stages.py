@@ -13,7 +13,7 @@ from pathlib import Path
 from engine.preemption import EXIT_PREEMPTED, STOP_SIGNALS
 
 METRICS = "metrics.json"
-WALL_TIME = "wall_time.json"  # written next to a stage's metrics.json
+WALL_TIME = "wall_time.json"  # a stage's seconds summed over its attempts (one killed with -9 is not counted)
 STAGE_LOG = "stages.log"
 TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"  # the checkout's tools/ (README: a checkout toolkit)
 
@@ -55,23 +55,35 @@ def run_stage(tool: str, argv: list[str], stage_dir: Path, out: Path, start: flo
 
     if (stage_dir / METRICS).is_file():
         metrics = json.loads((stage_dir / METRICS).read_text())
-        wall = json.loads((stage_dir / WALL_TIME).read_text())["seconds"] if (stage_dir / WALL_TIME).is_file() else None
+        wall = _wall_time(stage_dir)["seconds"] if (stage_dir / WALL_TIME).is_file() else None
         log("done before, skipped")
         return metrics, wall
     argv = ["--resume", "auto", *argv, f"output_dir={stage_dir}"]  # interrupted mid-stage: continue where it stopped
     log(f"running {tool} {' '.join(argv)}")
     t0 = time.time()
     status = run_tool(tool, argv)
-    wall = time.time() - t0
+    wall = _add_wall_time(stage_dir, time.time() - t0, finished=status == 0)
     if status != 0:
-        log(f"stopped with exit status {status} after {format_duration(wall)}"
+        log(f"stopped with exit status {status} after {format_duration(wall)} in all"
             + (" (a signal: its checkpoint is written; the same command continues it)" if status == EXIT_PREEMPTED
                else "; its output is above"))
         raise SystemExit(status)
-    (stage_dir / WALL_TIME).write_text(json.dumps({"seconds": wall}) + "\n")
     ran.append(str(stage_dir.relative_to(out)))
     log(f"finished in {format_duration(wall)}")
     return json.loads((stage_dir / METRICS).read_text()), wall
+
+
+def _wall_time(stage_dir: Path) -> dict:
+    path = stage_dir / WALL_TIME
+    return json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "finished": False}
+
+
+def _add_wall_time(stage_dir: Path, seconds: float, *, finished: bool) -> float:
+    """Add one attempt's seconds to the stage's wall_time.json (a stage stopped by a signal and continued later
+    counts every attempt); the total."""
+    total = _wall_time(stage_dir)["seconds"] + seconds
+    (stage_dir / WALL_TIME).write_text(json.dumps({"seconds": total, "finished": finished}) + "\n")
+    return total
 
 
 def run_tool(tool: str, argv: list[str]) -> int:
