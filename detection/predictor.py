@@ -21,7 +21,7 @@ from torchvision.utils import draw_bounding_boxes
 from engine.images import ImageInput, as_rgb_array, image_to_tensor
 from engine.trained import build_trained_model, load_run_config
 
-from .build import DEFAULT_CONFIG
+from .build import DEFAULT_CONFIG, select_classes
 from .datasets import VOC_CLASSES
 from .inference import detect, to_original_size
 from .fast import optimize_for_inference
@@ -72,11 +72,10 @@ def label_space(cfg: DictConfig) -> tuple[list[str], list[int]]:
     COCO ids, or 1..K for VOC. `data.classes` selects and orders them as training did (`select_classes`)."""
     data, num_classes = cfg.data, cfg.model.num_classes
     names, ids = _data_classes(data)
-    if data.classes:
-        if names is not None and any(name not in names for name in data.classes):
-            raise ValueError(f"data.classes={list(data.classes)} names classes the data does not have: {names}")
-        ids = [ids[names.index(name)] for name in data.classes] if ids is not None else None
+    if data.classes and names is None:
         names = list(data.classes)
+    elif data.classes:  # the selection training made, with its checks (unknown or repeated names)
+        _, names, ids = select_classes([], names, ids, list(data.classes))
     if names is None:
         logger.warning("no annotation json found (%s): classes are named class_1..class_%d", data.val.annotations,
                        num_classes)

@@ -15,8 +15,8 @@ NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", ".cache", "outputs", "buil
 def test_non_editable_install_fails_at_once_naming_the_checkout_rule(tmp_path):
     source, target = tmp_path / "source", tmp_path / "site"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCES)  # pip builds in the source folder: not in the checkout
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(target), str(source)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True, capture_output=True)
     assert (target / "detection").is_dir() and not (target / "configs").exists()
 
     def run(code: str) -> subprocess.CompletedProcess:
@@ -27,6 +27,7 @@ def test_non_editable_install_fails_at_once_naming_the_checkout_rule(tmp_path):
         result = run(f"import {package}")
         assert result.returncode != 0 and "ResDet runs from its checkout" in result.stderr, (package, result.stderr)
         assert "pip install -e ." in result.stderr
-    result = run("import backbones; print(backbones.__file__); print(backbones.build_backbone('resnet18').output_shape())")
+    result = run("import backbones; print(backbones.__file__); "
+                 "print(backbones.build_backbone('resnet18').output_shape())")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(target))  # the installed copy, not the checkout's

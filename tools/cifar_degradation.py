@@ -7,7 +7,8 @@
 
 For every seed x net, tools/train_cls.py runs as a child process (experiments.stages.run_tool) with the given
 config and overrides plus model.backbone.name, train.seed and output_dir=<output-dir>/<net>/seed<k>. A run whose
-metrics.json exists is not redone (one with only last.pth is resumed), so rerunning the command continues an interrupted experiment.
+metrics.json exists is not redone (one with only last.pth is resumed), so rerunning the command continues an
+interrupted experiment.
 `--class-subset N` trains on the first N (sorted) classes of a tiny-imagenet format data.root (symlinks in
 <output-dir>/data/). Writes to <output-dir>: results.json (final errors per run, statistics, comparisons),
 results.md, reproduction.json (experiments cifar_degradation_train_error and cifar_test_error, in percent: the
@@ -25,7 +26,6 @@ import time
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[0]))  # the sibling tools
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from classification.build import DEFAULT_CONFIG as CLS_DEFAULT_CONFIG  # noqa: E402
