@@ -9,7 +9,7 @@ from typing import Any
 from torch.utils.data import Dataset, Subset
 
 from engine.config import CONFIGS_DIR
-from engine.demo_data import prepare_demo_data
+from datafiles.demo import prepare_demo_data
 
 from .datasets import build_cls_dataset
 from .synthetic import generate_imagefolder
@@ -18,7 +18,7 @@ DEFAULT_CONFIG = CONFIGS_DIR / "cls" / "default.yaml"  # the classification sche
 
 
 def prepare_synthetic(data: Mapping[str, Any]) -> None:
-    """The built-in demo data when the config turns it on (`data.synthetic.enabled`, see `engine.demo_data`):
+    """The built-in demo data when the config turns it on (`data.synthetic.enabled`, see `datafiles.demo`):
     generated once (ImageFolder layout) into its own folder `data.root`."""
     spec = data["synthetic"]
     if spec["enabled"]:

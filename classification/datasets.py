@@ -2,7 +2,7 @@
 
 Every dataset yields `(image, label_int)` and exposes `.classes` (sorted wnids/names), so the
 train and val splits of one root always agree on label indices. Images are decoded with PIL, which ignores
-EXIF orientation: the same policy as detection and segmentation (engine/images.py).
+EXIF orientation: the same policy as detection and segmentation (datafiles/images.py).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder, VisionDataset
 
-from engine.images import DatasetError, inside
-from engine.validation import FileCheck, validate_files, validation_mode
+from datafiles.images import DatasetError, inside
+from datafiles.validation import FileCheck, validate_files, validation_mode
 
 from .cifar import build_cifar
 
@@ -132,7 +132,7 @@ def validate_dataset(dataset: Dataset, *, split: str = "train", validate: str | 
                      skip_invalid: bool = False, report_dir: str | Path | None = None, num_workers: int | None = None,
                      cache_dir: str | Path | None = None) -> Dataset:
     """Check the images of an ImageFolder / Tiny-ImageNet split as `validate` (`data.validate`: auto | full |
-    header | false) says (engine.validation: full decodes are parallel, sharded over ranks and cached outside the
+    header | false) says (datafiles.validation: full decodes are parallel, sharded over ranks and cached outside the
     data folder; call it on every rank); with `skip_invalid`, bad files are dropped from `samples`, counted and
     listed in `report_dir/invalid_<split>.txt`. A train split with fewer than two classes has nothing to learn."""
     samples = dataset.samples

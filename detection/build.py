@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from engine.config import CONFIGS_DIR
-from engine.demo_data import prepare_demo_data
-from engine.validation import InvalidFiles
+from datafiles.demo import prepare_demo_data
+from datafiles.validation import InvalidFiles
 
 from .datasets import VOC_CLASSES, DetectionDataset, ImageRecord, ImageRecords, load_coco_records, load_voc_records
 from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco
@@ -30,7 +30,7 @@ METRICS = ("coco", "voc07", "voc12")
 
 def prepare_synthetic(data: Mapping[str, Any]) -> None:
     """The built-in demo data when the config turns it on (`data.synthetic.enabled: true`, see
-    `engine.demo_data`): generated once into its own folder `data.root`."""
+    `datafiles.demo`): generated once into its own folder `data.root`."""
     spec = data["synthetic"]
     if spec["enabled"] is True:
         prepare_demo_data(data["root"], partial(generate_shapes_dataset, num_train=spec["num_train"],

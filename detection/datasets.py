@@ -3,7 +3,7 @@
 Loading checks everything that can be checked without decoding images (types of ids and boxes, files exist
 inside the image folder, boxes inside the image, known classes), so a bad annotation fails at start-up naming
 its file and object, not mid-epoch as a NaN loss; `validate_records` then checks the images as `data.validate`
-says (engine.validation) and `DetectionDataset` handles one that fails later as `data.skip_invalid` says.
+says (datafiles.validation) and `DetectionDataset` handles one that fails later as `data.skip_invalid` says.
 Boxes are float32 xyxy pixels with x2/y2 exclusive (COCO's x + w); labels are contiguous 1..K, 0 = background.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.images import DatasetError, image_to_tensor, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
-from engine.validation import FileCheck, InvalidFiles, file_problem, validate_files, validation_mode
+from datafiles.images import DatasetError, image_to_tensor, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
+from datafiles.validation import FileCheck, InvalidFiles, file_problem, validate_files, validation_mode
 
 logger = logging.getLogger(__name__)
 
@@ -494,7 +494,7 @@ def load_voc_records(root: str | Path, split: str, *, class_names: Sequence[str]
 def validate_records(records: Sequence[ImageRecord], *, split: str = "train", validate: str | bool = "auto",
                      skip_invalid: bool = False, report_dir: str | Path | None = None, num_workers: int | None = None,
                      cache_dir: str | Path | None = None) -> ImageRecords:
-    """Check the images as `validate` (`data.validate`: auto | full | header | false) says (engine.validation:
+    """Check the images as `validate` (`data.validate`: auto | full | header | false) says (datafiles.validation:
     full decodes are parallel, sharded over ranks and cached outside the data folder; call it on every rank) and
     return the usable records. A split with no object to learn from (no annotations, or crowd / difficult ones
     only) is refused. With `skip_invalid` bad images are skipped, counted and listed in
@@ -525,7 +525,7 @@ class DetectionDataset(Dataset):
     difficult objects are not training targets; evaluators read them from the records.
 
     An image that fails to decode (or has another size than annotated) raises DatasetError naming it, unless
-    `invalid` skips it (`data.skip_invalid`, engine.validation.InvalidFiles: logged and listed). Training
+    `invalid` skips it (`data.skip_invalid`, datafiles.validation.InvalidFiles: logged and listed). Training
     (`replace_skipped`) then takes the next usable image of the dataset in its place, so a batch keeps its size
     and the substitute depends on the index alone: the same for any num_workers, resumed or not; evaluation
     gets None, which `collate` drops (the image counts as one without detections)."""

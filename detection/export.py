@@ -88,7 +88,7 @@ def opencv_linear_resize(image: Tensor, size: Tensor) -> Tensor:
 class InGraphTestResize(nn.Module):
     """float RGB [3, H, W] in 0..1 -> the run's test resize of it, bit for bit the Predictor's: the image taken
     at 8 bits (round(x * 255), what the Predictor's uint8 images are), `resized_size`, `opencv_linear_resize`,
-    then / 255 in float32 as `engine.images.image_to_tensor` divides."""
+    then / 255 in float32 as `datafiles.images.image_to_tensor` divides."""
 
     def __init__(self, shortest: int, longest: int) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes
 
-from engine.images import ImageInput, as_rgb_array, image_to_tensor
+from datafiles.images import ImageInput, as_rgb_array, image_to_tensor
 from engine.trained import build_trained_model, load_run_config
 
 from .build import DEFAULT_CONFIG, select_classes

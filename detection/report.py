@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes
 
-from engine.images import read_image
+from datafiles.images import read_image
 from engine.random_state import sample_seed
 from engine.report import (GalleryItem, Section, Table, figure_html, history_section, percent, prepare_report_dir,
                            provenance, save_gallery_image, write_page)

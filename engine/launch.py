@@ -1,5 +1,10 @@
 """How a training tool starts, the same for the three tasks: the command line, the run folder's lock, new run or
-resume, the processes, the seed. What follows (data, model, step, evaluation) is the task's."""
+resume, the processes, the seed, and whether the run uses the generated demo data. What follows (data, model,
+step, evaluation) is the task's.
+
+`data.synthetic.enabled` is `auto` in every tool's default config: the demo set is used when the built-in
+default runs (no `--config`, no data path or format on the command line), and never silently in place of a
+user's data. `true` / `false` force it on or off."""
 from __future__ import annotations
 
 import time
@@ -13,11 +18,12 @@ from omegaconf import DictConfig
 
 from .checkpoint import start_run
 from .config import parse_args
-from .demo_data import resolve_demo_data
 from .distributed import init_distributed
 from .loop import amp_dtype
 from .random_state import seed_everything
 from .run_lock import lock_output_dir
+
+DATA_KEYS = ("data.root", "data.train.", "data.val.", "data.format")  # overrides that name the user's data
 
 
 def run_training_tool(doc: str, default_config: str | Path, argv: Sequence[str] | None,
@@ -30,6 +36,18 @@ def run_training_tool(doc: str, default_config: str | Path, argv: Sequence[str] 
     resolve_demo_data(cfg, args)
     with lock_output_dir(cfg.output_dir):
         return train(args, cfg, start)
+
+
+def resolve_demo_data(cfg: DictConfig, args: Namespace) -> bool:
+    """Turn `data.synthetic.enabled: auto` into true / false (in `cfg`, so the saved config records it)."""
+    setting = cfg.data.synthetic.enabled
+    if setting == "auto":
+        names_data = any(item.split("=", 1)[0].startswith(DATA_KEYS) for item in args.overrides)
+        setting = args.config is None and not names_data
+    if not isinstance(setting, bool):
+        raise ValueError(f"data.synthetic.enabled={setting!r} must be auto, true or false")
+    cfg.data.synthetic.enabled = setting
+    return setting
 
 
 def start_training(args: Namespace, cfg: DictConfig) -> tuple[dict[str, Any] | None, torch.device]:

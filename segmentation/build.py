@@ -10,7 +10,7 @@ import albumentations as A
 from torch.utils.data import Subset
 
 from engine.config import CONFIGS_DIR
-from engine.demo_data import prepare_demo_data
+from datafiles.demo import prepare_demo_data
 
 from .datasets import COCO_TO_VOC, CocoSemantic, SegmentationDataset, VOCSegmentation
 from .palette import VOC_SEG_CLASSES
@@ -23,7 +23,7 @@ FORMATS = ("voc", "coco")
 
 def prepare_synthetic(data: Mapping[str, Any]) -> None:
     """The built-in demo data when the config turns it on (`data.synthetic.enabled: true`, see
-    `engine.demo_data`): generated once (VOC layout) into its own folder `data.root`."""
+    `datafiles.demo`): generated once (VOC layout) into its own folder `data.root`."""
     spec = data["synthetic"]
     if spec["enabled"] is True:
         if data["format"] != "voc":

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from engine.images import DatasetError, image_to_tensor, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
-from engine.validation import FileCheck, validate_files, validation_mode
+from datafiles.images import DatasetError, image_to_tensor, inside, read_image, size_mismatch  # noqa: F401 (re-exported: part of this module's API)
+from datafiles.validation import FileCheck, validate_files, validation_mode
 from segmentation.palette import VOC_SEG_CLASSES, VOID
 
 IMAGE_SUFFIXES = (".jpg", ".png")
@@ -39,7 +39,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     """Read a label PNG as class indices uint8 [H, W].
 
     PIL, not cv2: cv2 would turn a palette PNG into its colours instead of its indices. PIL ignores
-    EXIF orientation, as `read_image` does for images (engine/images.py: one policy for both).
+    EXIF orientation, as `read_image` does for images (datafiles/images.py: one policy for both).
     """
     try:
         with Image.open(path) as image:
@@ -109,7 +109,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
                  report_dir: str | Path | None = None, num_workers: int | None = None,
                  cache_dir: str | Path | None = None) -> None:
         """Check every image and mask now as `validate` (`data.validate`: auto | full | header | false) says
-        (engine.validation: full decodes are parallel, sharded over ranks and cached outside the data folder;
+        (datafiles.validation: full decodes are parallel, sharded over ranks and cached outside the data folder;
         call it on every rank), instead of failing mid-epoch. With `skip_invalid`, bad pairs are dropped from
         `samples`, counted and listed in `report_dir/invalid_<split>.txt`. A split without any foreground pixel
         (or COCO object) is refused: there is nothing to learn from (label values are known only from a full

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from pycocotools import mask as mask_utils
 
 from backbones import fold_batchnorm
-from engine.images import ImageInput, as_rgb_array, image_to_tensor
+from datafiles.images import ImageInput, as_rgb_array, image_to_tensor
 from engine.trained import build_trained_model, load_run_config
 
 from .build import DEFAULT_CONFIG

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from engine.images import image_to_tensor
+from datafiles.images import image_to_tensor
 from engine.random_state import sample_seed
 from engine.report import (GalleryItem, Section, Table, figure_html, history_section, percent, prepare_report_dir,
                            provenance, save_gallery_image, write_page)

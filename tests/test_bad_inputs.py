@@ -44,10 +44,10 @@ from detection.datasets import (DatasetError, DetectionDataset, load_coco_record
 from detection.models import build_detector  # noqa: E402
 from engine.checkpoint import CheckpointError, CheckpointSaveError, load_checkpoint, save_checkpoint  # noqa: E402
 from engine.config import ConfigError, load_config, save_config  # noqa: E402
-from engine.images import read_image  # noqa: E402
+from datafiles.images import read_image  # noqa: E402
 from engine.run_lock import EXIT_IN_USE, LOCK_FILE  # noqa: E402
 from engine.trained import load_trained_weights  # noqa: E402
-from engine.validation import InvalidFiles  # noqa: E402
+from datafiles.validation import InvalidFiles  # noqa: E402
 from segmentation.datasets import VOCSegmentation  # noqa: E402
 
 CONFIGS = {tool: ROOT / "configs" / tool / "default.yaml" for tool in ("det", "seg", "cls", "transfer")}
@@ -637,7 +637,7 @@ def test_second_validation_is_served_from_the_cache(tmp_path, monkeypatch):
     folder, ann = coco_set(tmp_path)
     records, _, _ = load_coco_records(folder, ann)
     validate_records(records, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr("engine.validation._inspect", lambda check: pytest.fail(f"decoded {check.path} again"))
+    monkeypatch.setattr("datafiles.validation._inspect", lambda check: pytest.fail(f"decoded {check.path} again"))
     assert len(validate_records(records, cache_dir=tmp_path / "cache")) == 2
     (folder / "a.jpg").write_bytes(png_bytes(40, 30))  # a changed file (size + mtime) is decoded again
     with pytest.raises(BaseException, match="decoded .*a.jpg again"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from engine.benchmarking import losses_close, matched_fraction
+from experiments.benchmarking import losses_close, matched_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("benchmark_det", ROOT / "tools" / "benchmark_det.py")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from classification.datasets import build_cls_dataset
-from engine.images import DatasetError
+from datafiles.images import DatasetError
 from classification.metrics import AccuracyMeter, average_crops, topk_correct
 from classification.synthetic import generate_imagefolder
 from classification.transforms import PCALighting, build_cls_transforms

@@ -20,7 +20,7 @@ import predict  # noqa: E402
 import test_det  # noqa: E402
 
 from detection import Predictor  # noqa: E402
-from engine.images import as_rgb_array, read_image  # noqa: E402
+from datafiles.images import as_rgb_array, read_image  # noqa: E402
 from segmentation import Predictor as SegPredictor  # noqa: E402
 from segmentation.evaluation import multiscale_flip_inference  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
@@ -86,7 +86,7 @@ def test_folded_channels_last_path_gives_the_plain_models_detections(tiny_det_ru
 
 
 def test_pil_images_and_files_both_ignore_the_exif_orientation(tmp_path):
-    """EXIF orientation 6 (rotate 90° clockwise to view): the one EXIF policy (engine.images) reads pixels as
+    """EXIF orientation 6 (rotate 90° clockwise to view): the one EXIF policy (datafiles.images) reads pixels as
     stored, as the annotations assume, from a file and from a PIL image of it alike."""
     array = np.zeros((20, 40, 3), np.uint8)
     array[:, :10] = 255

@@ -57,8 +57,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from detection.datasets import DetectionDataset, ImageRecord, collate, load_coco_records  # noqa: E402
 from detection.transforms import build_det_transforms  # noqa: E402
-from engine.benchmarking import cpu_model, timed  # noqa: E402
-from engine.images import READ_FLAGS, image_to_tensor, read_image  # noqa: E402
+from experiments.benchmarking import cpu_model, timed  # noqa: E402
+from datafiles.images import READ_FLAGS, image_to_tensor, read_image  # noqa: E402
 from engine.random_state import isolated_rng  # noqa: E402
 from engine.sampling import EpochBatches, SeededDataset  # noqa: E402
 

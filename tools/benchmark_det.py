@@ -57,7 +57,7 @@ from backbones import fold_batchnorm  # noqa: E402
 from detection.fast import optimize_for_inference, to_channels_last  # noqa: E402
 from detection.models import build_detector  # noqa: E402
 from detection.quantize import quantize_int8  # noqa: E402
-from engine.benchmarking import (PeakMemory, compare_ranked_detections, count_gflop, cpu_model,  # noqa: E402
+from experiments.benchmarking import (PeakMemory, compare_ranked_detections, count_gflop, cpu_model,  # noqa: E402
                                  losses_close, matched_fraction, measure_ceiling, synchronize, timed)
 
 NUM_CLASSES = 90  # COCO's foreground classes; torchvision counts 91 with the background

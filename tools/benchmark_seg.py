@@ -19,7 +19,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.benchmarking import timed_calls  # noqa: E402
+from experiments.benchmarking import timed_calls  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402
 
 

@@ -47,7 +47,7 @@ from detection.export import (NormalizedBackbone, build_exportable_detector, com
                               export_backbone, export_onnx, export_torchscript)
 from detection.predictor import Predictor, test_resize_sides  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
-from engine.images import DatasetError, image_to_tensor, read_image  # noqa: E402
+from datafiles.images import DatasetError, image_to_tensor, read_image  # noqa: E402
 
 FORMATS = ("onnx", "torchscript", "torch_export")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .distributed import all_gather_object, get_rank, get_world_size, is_main_process
+from engine.distributed import all_gather_object, get_rank, get_world_size, is_main_process
 from .images import DatasetError, read_header, size_mismatch
 
 logger = logging.getLogger(__name__)
