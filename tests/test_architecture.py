@@ -16,7 +16,7 @@ ALLOWED = {
     "detection": {"engine", "datafiles", "backbones"},
     "segmentation": {"engine", "datafiles", "backbones"},
     "classification": {"engine", "datafiles", "backbones"},
-    "experiments": {"engine"},
+    "experiments": {"engine", "datafiles", "backbones", "detection", "segmentation", "classification"},
 }
 
 

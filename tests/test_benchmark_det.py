@@ -1,4 +1,5 @@
-"""tools/benchmark_det.py at tiny settings: the JSON it writes, its equivalence checks, its subprocess path."""
+"""tools/benchmark_det.py (and experiments.detection_benchmark, its library) at tiny settings: the JSON it writes,
+its equivalence checks, its subprocess path."""
 import importlib.util
 import json
 import sys
@@ -8,6 +9,10 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from backbones import fold_batchnorm
+from detection.fast import to_channels_last
+from detection.models import build_detector
+from experiments import detection_benchmark as lib
 from experiments.benchmarking import losses_close, matched_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +64,7 @@ def test_json_has_every_field_and_positive_numbers(tiny_run):
     for variant, res in r["inference"].items():
         assert res["ms_per_image_median"] > 0 and len(res["ms"]) == 1
         assert res["speedup_vs_ours"] > 0 and res["speedup_vs_torchvision"] is None
-        assert set(res["stages_ms"]) == set(bench.STAGES) and all(t >= 0 for t in res["stages_ms"].values())
+        assert set(res["stages_ms"]) == set(lib.STAGES) and all(t >= 0 for t in res["stages_ms"].values())
         assert res["staged_equals_model"] and res["first_call_s"] > 0
         assert {"method", "baseline_mb", "peak_mb", "delta_mb"} <= set(res["memory"])
         assert res["memory"]["delta_mb"] >= 0
@@ -86,19 +91,19 @@ def test_folded_and_channels_last_give_the_same_detections(tiny_run):
 def test_float32_fold_and_channels_last_within_tolerance():
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = bench.build_detector(bench.ours_cfg("resnet18", 0.0)).eval()
+    model = build_detector(lib.ours_cfg("resnet18", 0.0)).eval()
     # trained-like BN statistics, so folding actually changes the conv weights
     for m in model.modules():
         if isinstance(m, FrozenBatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
             m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
-    image = bench.make_images(1, 64, 7)[0]
+    image = lib.make_images(1, 64, 7)[0]
     with torch.no_grad():
         ref_features = model.backbone(model.transform([image])[0].tensors)
         ref = model([image])[0]
-        bench.fold_batchnorm(model)
-        bench.to_channels_last(model)
-        assert bench.count_batchnorms(model) == 0
+        fold_batchnorm(model)
+        to_channels_last(model)
+        assert lib.count_batchnorms(model) == 0
         features = model.backbone(model.transform([image])[0].tensors)
         got = model([image])[0]
     for name in ref_features:
@@ -108,8 +113,8 @@ def test_float32_fold_and_channels_last_within_tolerance():
 
 
 def test_torchvision_reference_uses_the_frozen_bn_recipe():
-    tv = bench.build_torchvision(64, 0.05)
-    ours = bench.build_detector(bench.ours_cfg("resnet50", 0.05))
+    tv = lib.build_torchvision(64, 0.05)
+    ours = build_detector(lib.ours_cfg("resnet50", 0.05))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tv.modules())
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in tv.modules()) == 53
     trainable = lambda model: sum(p.numel() for p in model.parameters() if p.requires_grad)  # noqa: E731
@@ -121,9 +126,9 @@ def test_torchvision_reference_uses_the_frozen_bn_recipe():
 
 
 def test_subprocess_phase_measures_peak_rss(tmp_path):
-    settings = {**bench.DEFAULTS, **TINY, "warmup": 0}
+    settings = {**lib.DEFAULTS, **TINY, "warmup": 0}
     weights = tmp_path / "weights.pt"
-    bench.make_weights(settings, weights)
+    lib.make_weights(settings, weights)
     result = bench.run_phase_isolated(dict(phase="infer", model="ours_fold_channels_last", settings=settings,
                                            weights=str(weights), detections_out=str(tmp_path / "det.pt")))
     assert result["ms_per_image_median"] > 0 and result["torch_threads"] == 1
@@ -141,14 +146,14 @@ def test_markdown_table(tiny_run):
 
 def test_resnet50_phases_do_the_same_work_as_torchvision(tmp_path):
     """The benchmark's own asserts, on its own builders: equal first-step losses, identical detections."""
-    settings = {**bench.DEFAULTS, **TINY, "backbone": "resnet50", "warmup": 0, "score_thresh": 0.0}
+    settings = {**lib.DEFAULTS, **TINY, "backbone": "resnet50", "warmup": 0, "score_thresh": 0.0}
     weights = tmp_path / "weights.pt"
-    bench.make_weights(settings, weights)
-    train = {name: bench.run_phase(dict(phase="train", model=name, settings=settings, weights=str(weights)))
+    lib.make_weights(settings, weights)
+    train = {name: lib.run_phase(dict(phase="train", model=name, settings=settings, weights=str(weights)))
              for name in ("torchvision", "ours")}
     # ours applies frozen BN inside the convs (rounding differs) and its RoIAlign backward is a sparse product
     ours, tv = train["ours"]["first_step_losses"], train["torchvision"]["first_step_losses"]
     assert losses_close(ours, tv, rtol=1e-4, atol=1e-5)
     assert train["ours"]["trainable_params"] == train["torchvision"]["trainable_params"]
-    check = bench.check_float64_detections(settings, weights)["torchvision"]  # float64: the same detections
+    check = lib.check_float64_detections(settings, weights)["torchvision"]  # float64: the same detections
     assert check["passed"] and check["num_detections"] == [100, 100] and check["max_abs_box_diff"] < 1e-6
