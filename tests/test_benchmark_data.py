@@ -12,6 +12,7 @@ import torch
 from detection.datasets import DetectionDataset, load_coco_records
 from detection.transforms import build_det_transforms
 from engine.sampling import SeededDataset
+from experiments import data_benchmark as lib
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("benchmark_data", ROOT / "tools" / "benchmark_data.py")
@@ -54,7 +55,7 @@ def test_json_schema(result):
     for side in ("ours", "torchvision", "torchvision_without_model_resize"):
         assert result[side]["images_per_s"] > 0 and len(result[side]["round_seconds"]) == 1
     assert result["ratio"] == pytest.approx(result["ours"]["images_per_s"] / result["torchvision"]["images_per_s"])
-    assert set(result["ours"]["stages_ms_per_image"]) == set(bench.STAGES)
+    assert set(result["ours"]["stages_ms_per_image"]) == set(lib.STAGES)
     stages = result["ours"]["stages_ms_per_image"]
     # boxes_and_albumentations is the albumentations call less a re-timed resize and flip: noise can make it < 0
     assert all(ms >= 0 for stage, ms in stages.items() if stage != "boxes_and_albumentations")
@@ -81,7 +82,7 @@ def test_both_pipelines_make_the_same_picture(coco, flip_prob):
     OpenCV's uint8 bilinear resize against torch's float one, boxes scaled and flipped alike."""
     records, _, _ = load_coco_records(coco / "images", coco / "ann.json")
     ours = SeededDataset(DetectionDataset(records, build_det_transforms(True, [800], 1333, flip_prob=flip_prob)))
-    theirs = bench.TorchvisionReference(records, 800, 1333, flip_prob)
+    theirs = lib.TorchvisionReference(records, 800, 1333, flip_prob)
     for index, (width, height) in enumerate(SIZES):
         image, target = ours[(index, 0)]
         their_image, their_target = theirs[index]
