@@ -80,9 +80,11 @@ def _wall_time(stage_dir: Path) -> dict:
 
 def _add_wall_time(stage_dir: Path, seconds: float, *, finished: bool) -> float:
     """Add one attempt's seconds to the stage's wall_time.json (a stage stopped by a signal and continued later
-    counts every attempt); the total."""
+    counts every attempt); the total. A tool that failed before making its run folder (a missing dataset, say)
+    leaves nothing to record, and no folder is made for it: its own error is the one the user sees."""
     total = _wall_time(stage_dir)["seconds"] + seconds
-    (stage_dir / WALL_TIME).write_text(json.dumps({"seconds": total, "finished": finished}) + "\n")
+    if stage_dir.is_dir():
+        (stage_dir / WALL_TIME).write_text(json.dumps({"seconds": total, "finished": finished}) + "\n")
     return total
 
 

@@ -22,10 +22,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-import benchmark_scale  # noqa: E402
 import train_det  # noqa: E402
 
 import datafiles.validation as validation  # noqa: E402
+from experiments import scale_benchmark  # noqa: E402
 from detection.datasets import (BOX_TOLERANCE, DatasetError, DetectionDataset, ImageRecord, ImageRecords,  # noqa: E402
                                 _checked_box, load_coco_records, validate_records)
 from detection.synthetic import generate_shapes_dataset  # noqa: E402
@@ -382,18 +382,18 @@ def test_skipped_image_is_replaced_in_training_and_dropped_in_evaluation(tmp_pat
 # ------------------------------------------------------------------ the benchmark's simulated COCO
 
 def test_simulated_coco_has_coco_structure(tmp_path):
-    sizes = dict(benchmark_scale.COCO_SIZES, train_images=60, train_boxes=301, val_images=7, val_boxes=20,
+    sizes = dict(scale_benchmark.COCO_SIZES, train_images=60, train_boxes=301, val_images=7, val_boxes=20,
                  unique_images=5)
-    data = benchmark_scale.build_simulated_coco(tmp_path / "sim", sizes)
+    data = scale_benchmark.build_simulated_coco(tmp_path / "sim", sizes)
     train = json.loads((data / "annotations" / "instances_train2017.json").read_text())
     assert len(train["images"]) == 60 and len(train["annotations"]) == 301
-    assert [c["id"] for c in train["categories"]] == list(benchmark_scale.COCO_CATEGORY_IDS)
-    assert len(benchmark_scale.COCO_CATEGORY_IDS) == 80 and max(benchmark_scale.COCO_CATEGORY_IDS) == 90
+    assert [c["id"] for c in train["categories"]] == list(scale_benchmark.COCO_CATEGORY_IDS)
+    assert len(scale_benchmark.COCO_CATEGORY_IDS) == 80 and max(scale_benchmark.COCO_CATEGORY_IDS) == 90
     first = data / "train2017" / train["images"][0]["file_name"]
     assert read_header(first) == {"format": "JPEG", "size": [640, 480], "mode": "RGB"}
     assert first.stat().st_nlink > 1  # a hard link to one of the 5 generated images
     records, names, cat_ids = load_coco_records(data / "train2017", data / "annotations" / "instances_train2017.json")
     assert len(records) == 60 and records.count_objects()[0] == 301 and cat_ids == sorted(cat_ids)
-    assert benchmark_scale.build_simulated_coco(tmp_path / "sim", sizes) == data  # reused, not rebuilt
+    assert scale_benchmark.build_simulated_coco(tmp_path / "sim", sizes) == data  # reused, not rebuilt
     with pytest.raises(SystemExit, match="other sizes"):
-        benchmark_scale.build_simulated_coco(tmp_path / "sim", dict(sizes, train_boxes=302))
+        scale_benchmark.build_simulated_coco(tmp_path / "sim", dict(sizes, train_boxes=302))

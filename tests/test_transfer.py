@@ -207,3 +207,21 @@ def test_a_stage_runs_as_a_child_process_and_gets_the_stop_signal(tmp_path, monk
     assert wall["finished"] is False and 0 < wall["seconds"] < 30
     assert "stopped with exit status 75" in (tmp_path / "out" / stages.STAGE_LOG).read_text()
     assert signal.getsignal(signal.SIGTERM) == handler  # ours again once the stage is over
+
+
+def test_a_stage_that_fails_before_making_its_folder_stops_with_its_own_error(tmp_path, monkeypatch, capfd):
+    """A tool that fails before it writes anything (a dataset folder not found) ends the experiment with that
+    tool's status and message; no stage folder appears (it was a FileNotFoundError on wall_time.json before)."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "fake_train.py").write_text(
+        "import sys\nsys.exit('dataset folder not found: ../shared/data/tiny-imagenet-200/train')\n")
+    monkeypatch.setattr(stages, "TOOLS_DIR", tools)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        stages.run_stage("fake_train", [], out / "stage", out, time.time(), [])
+    assert stopped.value.code == 1
+    assert "dataset folder not found" in capfd.readouterr().err
+    assert not (out / "stage").exists()
+    assert "stopped with exit status 1" in (out / stages.STAGE_LOG).read_text()
