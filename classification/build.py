@@ -8,8 +8,8 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from engine.config import CONFIGS_DIR
 from datafiles.demo import prepare_demo_data
+from engine.config import CONFIGS_DIR
 
 from .datasets import build_cls_dataset
 from .synthetic import generate_imagefolder

@@ -12,9 +12,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from engine.config import CONFIGS_DIR
 from datafiles.demo import prepare_demo_data
 from datafiles.validation import InvalidFiles
+from engine.config import CONFIGS_DIR
 
 from .datasets import VOC_CLASSES, DetectionDataset, ImageRecord, ImageRecords, load_coco_records, load_voc_records
 from .evaluation import CocoEvaluator, VOCEvaluator, records_to_coco

@@ -9,8 +9,8 @@ from typing import Any
 import albumentations as A
 from torch.utils.data import Subset
 
-from engine.config import CONFIGS_DIR
 from datafiles.demo import prepare_demo_data
+from engine.config import CONFIGS_DIR
 
 from .datasets import COCO_TO_VOC, CocoSemantic, SegmentationDataset, VOCSegmentation
 from .palette import VOC_SEG_CLASSES

@@ -38,16 +38,16 @@ import visualize_det  # noqa: E402
 from backbones import build_backbone, fold_batchnorm  # noqa: E402
 from backbones.resnet import ResNet  # noqa: E402
 from classification.datasets import build_cls_dataset, validate_dataset  # noqa: E402
+from datafiles.images import read_image  # noqa: E402
+from datafiles.validation import InvalidFiles  # noqa: E402
 from detection import Predictor  # noqa: E402
 from detection.datasets import (DatasetError, DetectionDataset, load_coco_records, load_voc_records,  # noqa: E402
                                 validate_records)
 from detection.models import build_detector  # noqa: E402
 from engine.checkpoint import CheckpointError, CheckpointSaveError, load_checkpoint, save_checkpoint  # noqa: E402
 from engine.config import ConfigError, load_config, save_config  # noqa: E402
-from datafiles.images import read_image  # noqa: E402
 from engine.run_lock import EXIT_IN_USE, LOCK_FILE  # noqa: E402
 from engine.trained import load_trained_weights  # noqa: E402
-from datafiles.validation import InvalidFiles  # noqa: E402
 from segmentation.datasets import VOCSegmentation  # noqa: E402
 
 CONFIGS = {tool: ROOT / "configs" / tool / "default.yaml" for tool in ("det", "seg", "cls", "transfer")}

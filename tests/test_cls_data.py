@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from classification.datasets import build_cls_dataset
-from datafiles.images import DatasetError
 from classification.metrics import AccuracyMeter, average_crops, topk_correct
 from classification.synthetic import generate_imagefolder
 from classification.transforms import PCALighting, build_cls_transforms
+from datafiles.images import DatasetError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_REAL = SHARED_DATA / "tiny-imagenet-200"

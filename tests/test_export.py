@@ -16,10 +16,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import export  # noqa: E402
 
+from datafiles.images import image_to_tensor, read_image  # noqa: E402
 from detection import Predictor  # noqa: E402
 from detection.export import InGraphTestResize, compare_detections, resized_size  # noqa: E402
 from detection.transforms import build_det_transforms  # noqa: E402
-from datafiles.images import image_to_tensor, read_image  # noqa: E402
 
 RACCOON = ROOT.parent / "shared" / "data" / "raccoon"
 ODD_SIZES = [(417, 650), (650, 417), (1, 1000), (1000, 1), (1, 1), (7, 3), (61, 96), (333, 333)]

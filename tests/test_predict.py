@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import predict  # noqa: E402
 import test_det  # noqa: E402
 
-from detection import Predictor  # noqa: E402
 from datafiles.images import as_rgb_array, read_image  # noqa: E402
+from detection import Predictor  # noqa: E402
 from segmentation import Predictor as SegPredictor  # noqa: E402
 from segmentation.evaluation import multiscale_flip_inference  # noqa: E402
 from segmentation.models import build_segmentation_model  # noqa: E402

@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import train_det  # noqa: E402
 
+from datafiles.images import read_header  # noqa: E402
 import datafiles.validation as validation  # noqa: E402
-from experiments import scale_benchmark  # noqa: E402
+from datafiles.validation import InvalidFiles, validation_mode  # noqa: E402
 from detection.datasets import (BOX_TOLERANCE, DatasetError, DetectionDataset, ImageRecord, ImageRecords,  # noqa: E402
                                 _checked_box, load_coco_records, validate_records)
 from detection.synthetic import generate_shapes_dataset  # noqa: E402
-from datafiles.images import read_header  # noqa: E402
-from datafiles.validation import InvalidFiles, validation_mode  # noqa: E402
+from experiments import scale_benchmark  # noqa: E402
 
 
 # ------------------------------------------------------------------ the header check

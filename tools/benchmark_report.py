@@ -31,8 +31,8 @@ from detection.datasets import ImageRecord  # noqa: E402
 from detection.error_analysis import analyze_errors  # noqa: E402
 from detection.evaluation import CocoEvaluator  # noqa: E402
 from detection.report import confusion_matrix, write_detection_report  # noqa: E402
-from experiments.benchmarking import cpu_model, timed  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from experiments.benchmarking import cpu_model, timed  # noqa: E402
 
 WIDTH, HEIGHT = 640, 480
 

@@ -42,12 +42,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from datafiles.images import DatasetError, image_to_tensor, read_image  # noqa: E402
 from detection.build import DEFAULT_CONFIG, load_split  # noqa: E402
 from detection.export import (NormalizedBackbone, build_exportable_detector, compare_detections,  # noqa: E402
                               export_backbone, export_onnx, export_torchscript)
 from detection.predictor import Predictor, test_resize_sides  # noqa: E402
 from engine.config import config_or_exit  # noqa: E402
-from datafiles.images import DatasetError, image_to_tensor, read_image  # noqa: E402
 
 FORMATS = ("onnx", "torchscript", "torch_export")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}

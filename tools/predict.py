@@ -30,13 +30,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from datafiles.images import DatasetError, annotated_images, as_rgb_array, expand_inputs  # noqa: E402
 from detection import Predictor as DetectionPredictor  # noqa: E402
 from detection.build import DEFAULT_CONFIG as DET_DEFAULT  # noqa: E402
 from engine.config import ConfigError, load_task_config  # noqa: E402
-from datafiles.images import DatasetError, annotated_images, as_rgb_array, expand_inputs  # noqa: E402
 from segmentation import Predictor as SegmentationPredictor  # noqa: E402
-from segmentation.palette import overlay, save_palette_png  # noqa: E402
 from segmentation.build import DEFAULT_CONFIG as SEG_DEFAULT  # noqa: E402
+from segmentation.palette import overlay, save_palette_png  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

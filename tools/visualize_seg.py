@@ -18,8 +18,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.config import config_or_exit  # noqa: E402
 from datafiles.images import image_to_tensor  # noqa: E402
+from engine.config import config_or_exit  # noqa: E402
 from engine.trained import build_trained_model  # noqa: E402
 from segmentation.build import DEFAULT_CONFIG, build_dataset, check_classes, prepare_synthetic  # noqa: E402
 from segmentation.evaluation import multiscale_flip_inference  # noqa: E402
