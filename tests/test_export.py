@@ -3,6 +3,7 @@ the backbone via torch.export."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -10,6 +11,8 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from torchvision.ops import batched_nms
+from torchvision.ops import boxes as box_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -18,8 +21,12 @@ import export  # noqa: E402
 
 from datafiles.images import image_to_tensor, read_image  # noqa: E402
 from detection import Predictor  # noqa: E402
-from detection.export import InGraphTestResize, compare_detections, resized_size  # noqa: E402
+from detection.build import DEFAULT_CONFIG  # noqa: E402
+from detection.export import (InGraphTestResize, batched_nms_as_in_eager, build_exportable_detector,  # noqa: E402
+                              compare_detections, resized_size)
+from detection.export_check import check_detector, single_scale_predictor  # noqa: E402
 from detection.transforms import build_det_transforms  # noqa: E402
+from engine.trained import load_run_config  # noqa: E402
 
 RACCOON = ROOT.parent / "shared" / "data" / "raccoon"
 ODD_SIZES = [(417, 650), (650, 417), (1, 1000), (1000, 1), (1, 1), (7, 3), (61, 96), (333, 333)]
@@ -131,8 +138,22 @@ def test_an_export_that_differs_fails_naming_the_images(tiny_det_run, tmp_path, 
     monkeypatch.setattr(export, "onnx_runner", lambda path: (lambda image: (lambda b, s, l: (b + 2, s, l))(
         *real(path)(image))))
     named = r"does not reproduce the Predictor on 4 of 4 images: .*000001\.png.*000004\.png\n.*000001\.png.*nearest_px"
-    with pytest.raises(export.ExportCheckFailed, match=named):
+    with pytest.raises(export.ExportCheckFailed, match=named) as failed:
         run_export(tiny_det_run, "onnx", tmp_path / "model.onnx")
+    assert "near-tie" not in str(failed.value)  # the file differs from its own module: an export error
+
+
+def test_a_predictor_that_differs_from_an_exact_export_is_called_rounding(tiny_det_run, tmp_path, monkeypatch):
+    """Where the exported file equals its own module run eagerly but not the Predictor, the failure says why: the
+    Predictor's convolution rounding, not the export (a near-tie; docs/export.md)."""
+    cfg = load_run_config(tiny_det_run / "config.yaml", DEFAULT_CONFIG)
+    module = build_exportable_detector(cfg, tiny_det_run / "last.pth")
+    predictor = single_scale_predictor(cfg, tiny_det_run / "last.pth", None)
+    real = predictor.__call__
+    monkeypatch.setattr(type(predictor), "__call__", lambda self, image: replace(real(image), boxes=real(image).boxes + 2))
+    images = [(path.name, read_image(path)) for path in sorted((tiny_det_run.parent / "shapes" / "val").glob("*.png"))]
+    with pytest.raises(export.ExportCheckFailed, match="near-tie between two proposals, not an export error"):
+        check_detector(predictor, torch.no_grad()(module), images, tmp_path / "x", "onnx", exported_module=module)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +196,47 @@ def test_export_equals_the_predictor_on_odd_sizes(raccoon_run, tmp_path):
     report = run_export(raccoon_run, "onnx", tmp_path / "model.onnx", "--check-images", str(folder))
     assert report["images"] == report["images_equal"] == 5, report["differing"]
     assert {tuple(c["size"]) for c in report["checks"]} >= {(417, 650), (650, 417), (1, photo.shape[1]), (2, 3)}
+
+
+def nms_cases() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Boxes 0 and 1 (group 4) overlap with an IoU on the 0.7 threshold: torchvision's per-group NMS drops box 1,
+    its coordinate trick (float32 offsets of 4 x 601.3) keeps it. Alone they take the trick in eager PyTorch; with
+    1,000 disjoint boxes of group 2 beside them (over 4,000 coordinates) the per-group path."""
+    x = 118.13
+    near_tie = torch.tensor([[x, 50, x + 10, 60], [x, 50, x + 10, 57], [0, 0, 600.3, 400]])
+    corners = torch.stack(torch.meshgrid(torch.arange(40.0), torch.arange(25.0), indexing="ij"), -1).reshape(-1, 2) * 15
+    fillers = torch.cat([corners, corners + 10], 1)
+    small = (near_tie, torch.tensor([0.9, 0.8, 0.5]), torch.tensor([4, 4, 0]))
+    large = (torch.cat([near_tie, fillers]), torch.cat([small[1], torch.linspace(0.1, 0.4, 1000)]),
+             torch.cat([small[2], torch.full((1000,), 2)]))
+    return [small, large]
+
+
+class BatchedNMS(torch.nn.Module):
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:
+        return batched_nms_as_in_eager(boxes, scores, idxs, 0.7, num_groups=5)
+
+
+def test_exported_nms_takes_the_path_eager_pytorch_takes_at_every_size(tmp_path):
+    """A trace keeps torchvision's coordinate trick for every size (a BCCD image lost a detection to it in
+    TorchScript); batched_nms_as_in_eager, traced on the small case, gives eager's answer for both sizes in
+    TorchScript and in onnxruntime."""
+    small, large = nms_cases()
+    for boxes, scores, idxs in (small, large):  # the two paths really differ on these boxes
+        assert 1 in box_ops._batched_nms_coordinate_trick(boxes, scores, idxs, 0.7)
+        assert 1 not in box_ops._batched_nms_vanilla(boxes, scores, idxs, 0.7)
+    expected = [batched_nms(*case, 0.7) for case in (small, large)]
+    assert 1 in expected[0] and 1 not in expected[1] and len(expected[1]) == 1002
+    plain = torch.jit.trace(lambda b, s, i: batched_nms(b, s, i, 0.7), small)
+    assert 1 in plain(*large)  # the bug: a plain trace takes the trick at every size
+
+    traced = torch.jit.trace(BatchedNMS(), small)
+    torch.onnx.export(BatchedNMS(), small, str(tmp_path / "nms.onnx"), dynamo=False, opset_version=17,
+                      input_names=["boxes", "scores", "idxs"], output_names=["keep"],
+                      dynamic_axes={"boxes": {0: "n"}, "scores": {0: "n"}, "idxs": {0: "n"}, "keep": {0: "k"}})
+    session = onnxruntime.InferenceSession(str(tmp_path / "nms.onnx"), providers=["CPUExecutionProvider"])
+    for case, want in zip((small, large), expected):
+        assert torch.equal(BatchedNMS()(*case), want)
+        assert torch.equal(traced(*case), want)
+        got = session.run(None, dict(zip(["boxes", "scores", "idxs"], (t.numpy() for t in case))))[0]
+        assert torch.equal(torch.from_numpy(got), want)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             export_backbone(backbone, args.out)
             return check_backbone(backbone, torch.export.load(str(args.out)).module(), images, args.out)
     return check_detector(single_scale_predictor(cfg, args.checkpoint, args.score_thresh), run, images, args.out,
-                          args.format)
+                          args.format, exported_module=module)
 
 
 def check_images(paths: list[Path] | None, cfg: DictConfig, count: int) -> list[tuple[str, np.ndarray]]:
