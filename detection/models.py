@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, RoIPool
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -73,6 +74,31 @@ class NormalizeOnlyTransform(GeneralizedRCNNTransform):
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict | None]:
         return image, target
+
+
+def _float32(layer: nn.Module, x: Tensor) -> Tensor:
+    """`layer(x)` in float32 even under autocast (unchanged in float32 / float64 runs)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x)
+
+
+class Float32OutputRPNHead(RPNHead):
+    """torchvision's RPN head whose objectness and box deltas come out in float32 under autocast: bf16's 8-bit
+    mantissa in the deltas moves boxes by pixels at a few hundred px (with the box predictor below: a raccoon
+    detector lost 3.7 AP, 7 AP75, under bf16; docs/benchmarks.md). MMDetection's `force_fp32` on its heads is the
+    same idea. Same parameters and state dict keys as RPNHead."""
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        features = [self.conv(feature) for feature in x]
+        return [_float32(self.cls_logits, t) for t in features], [_float32(self.bbox_pred, t) for t in features]
+
+
+class Float32OutputBoxPredictor(FastRCNNPredictor):
+    """torchvision's box predictor (class scores and box deltas) run in float32 under autocast, for the same
+    reason. Same parameters and state dict keys as FastRCNNPredictor."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return _float32(super().forward, x)
 
 
 class Res5BoxHead(nn.Module):
@@ -161,7 +187,8 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
     rpn, roi = cfg["rpn"], cfg["roi"]
     model = FasterRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchors, box_roi_pool=roi_pool, box_head=box_head,
-        box_predictor=FastRCNNPredictor(representation, cfg["num_classes"] + 1),
+        rpn_head=Float32OutputRPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
+        box_predictor=Float32OutputBoxPredictor(representation, cfg["num_classes"] + 1),
         rpn_pre_nms_top_n_train=rpn["pre_nms_top_n_train"], rpn_pre_nms_top_n_test=rpn["pre_nms_top_n_test"],
         rpn_post_nms_top_n_train=rpn["post_nms_top_n_train"], rpn_post_nms_top_n_test=rpn["post_nms_top_n_test"],
         rpn_batch_size_per_image=rpn["batch_size_per_image"],
