@@ -57,7 +57,7 @@ def check_detector(predictor: Predictor, run: Callable, images: list[tuple[str, 
     """Every image's views through the Predictor and the exported model, compared by `compare_detections`.
     Where they differ, `exported_module` (the module that was exported, run eagerly) tells an export error from
     float rounding: a file that equals its own module there differs from the Predictor only by the rounding of
-    another convolution layout, tipping a near-tie between two proposals."""
+    another convolution layout, tipping a near-tie in proposal selection or NMS."""
     checks = []
     for name, image in tqdm(images, desc=f"check {fmt}", unit="img", dynamic_ncols=True):
         for view in views(image):
@@ -90,8 +90,8 @@ def check_detector(predictor: Predictor, run: Callable, images: list[tuple[str, 
         if failed and all(c.get("equals_exported_module") for c in failed):
             lines.append("On every one of these the exported file equals PyTorch running the exported module itself: "
                          "the difference is float32 rounding (its convolution layout or runtime's kernels against "
-                         "the Predictor's channels_last ones) tipping a near-tie between two proposals, not an "
-                         "export error; such an image cannot be made equal (docs/export.md)")
+                         "the Predictor's channels_last ones) tipping a near-tie in proposal selection or NMS, not "
+                         "an export error; such an image cannot be made equal (docs/export.md)")
         raise ExportCheckFailed(f"{out}: the {fmt} export does not reproduce the Predictor on {len(differing)} of "
                                 f"{len(images)} images: {', '.join(differing)}\n" + "\n".join(lines))
     return report
