@@ -89,8 +89,12 @@ class Float32OutputRPNHead(RPNHead):
     same idea. Same parameters and state dict keys as RPNHead."""
 
     def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        features = [self.conv(feature) for feature in x]
-        return [_float32(self.cls_logits, t) for t in features], [_float32(self.bbox_pred, t) for t in features]
+        logits, deltas = [], []
+        for feature in x:  # RPNHead.forward's order, so float32 runs (their backward sums too) stay bit for bit
+            t = self.conv(feature)
+            logits.append(_float32(self.cls_logits, t))
+            deltas.append(_float32(self.bbox_pred, t))
+        return logits, deltas
 
 
 class Float32OutputBoxPredictor(FastRCNNPredictor):
@@ -187,7 +191,6 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
     rpn, roi = cfg["rpn"], cfg["roi"]
     model = FasterRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchors, box_roi_pool=roi_pool, box_head=box_head,
-        rpn_head=Float32OutputRPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
         box_predictor=Float32OutputBoxPredictor(representation, cfg["num_classes"] + 1),
         rpn_pre_nms_top_n_train=rpn["pre_nms_top_n_train"], rpn_pre_nms_top_n_test=rpn["pre_nms_top_n_test"],
         rpn_post_nms_top_n_train=rpn["post_nms_top_n_train"], rpn_post_nms_top_n_test=rpn["post_nms_top_n_test"],
@@ -195,6 +198,10 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
         box_batch_size_per_image=roi["batch_size_per_image"], box_score_thresh=roi["score_thresh"],
         box_nms_thresh=roi["nms_thresh"], box_detections_per_img=roi["detections_per_img"],
     )
+    with torch.random.fork_rng(devices=[]):  # initialised as FasterRCNN's own RPNHead was: the same random draws
+        rpn_head = Float32OutputRPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
+    rpn_head.load_state_dict(model.rpn.head.state_dict())
+    model.rpn.head = rpn_head
     if head == "vgg":  # FasterRCNN's constructor only accepts MultiScaleRoIAlign; Fast R-CNN max-pooled
         model.roi_heads.box_roi_pool = SingleLevelRoIPool("conv5", 7, stride=body.output_shape()["conv5"].stride)
     model.transform = NormalizeOnlyTransform(body.preprocessing, size_divisible=body.size_divisibility)
