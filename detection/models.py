@@ -189,19 +189,18 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
             representation = 4096
 
     rpn, roi = cfg["rpn"], cfg["roi"]
+    box_predictor = Float32OutputBoxPredictor(representation, cfg["num_classes"] + 1)
+    # built after the box predictor, as FasterRCNN would build its own RPNHead: the same random draws, so the same init
+    rpn_head = Float32OutputRPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
     model = FasterRCNN(
-        backbone, num_classes=None, rpn_anchor_generator=anchors, box_roi_pool=roi_pool, box_head=box_head,
-        box_predictor=Float32OutputBoxPredictor(representation, cfg["num_classes"] + 1),
+        backbone, num_classes=None, rpn_anchor_generator=anchors, rpn_head=rpn_head, box_roi_pool=roi_pool,
+        box_head=box_head, box_predictor=box_predictor,
         rpn_pre_nms_top_n_train=rpn["pre_nms_top_n_train"], rpn_pre_nms_top_n_test=rpn["pre_nms_top_n_test"],
         rpn_post_nms_top_n_train=rpn["post_nms_top_n_train"], rpn_post_nms_top_n_test=rpn["post_nms_top_n_test"],
         rpn_batch_size_per_image=rpn["batch_size_per_image"],
         box_batch_size_per_image=roi["batch_size_per_image"], box_score_thresh=roi["score_thresh"],
         box_nms_thresh=roi["nms_thresh"], box_detections_per_img=roi["detections_per_img"],
     )
-    with torch.random.fork_rng(devices=[]):  # initialised as FasterRCNN's own RPNHead was: the same random draws
-        rpn_head = Float32OutputRPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
-    rpn_head.load_state_dict(model.rpn.head.state_dict())
-    model.rpn.head = rpn_head
     if head == "vgg":  # FasterRCNN's constructor only accepts MultiScaleRoIAlign; Fast R-CNN max-pooled
         model.roi_heads.box_roi_pool = SingleLevelRoIPool("conv5", 7, stride=body.output_shape()["conv5"].stride)
     model.transform = NormalizeOnlyTransform(body.preprocessing, size_divisible=body.size_divisibility)
