@@ -83,11 +83,11 @@ def check_detector(predictor: Predictor, run: Callable, images: list[tuple[str, 
           f"{report['confident_detections']['predictor']} Predictor, {report['confident_detections']['exported']} "
           f"{fmt}; largest matched corner distance {report['max_box_diff_px'] or 0:.3g} px): {out}")
     if differing:
+        failed = [c for c in checks if not c["passed"]]
         lines = [f"{c['image']} at {c['size'][0]}x{c['size'][1]} (HxW): unmatched {len(c['unmatched'][0])} of "
                  f"{c['confident'][0]} confident Predictor detections, {len(c['unmatched'][1])} of {c['confident'][1]} "
-                 f"exported; first: {(c['unmatched'][0] or c['unmatched'][1])[0]}" for c in checks if not c["passed"]]
-        failed = [c for c in checks if not c["passed"]]
-        if failed and all(c.get("equals_exported_module") for c in failed):
+                 f"exported; first: {(c['unmatched'][0] or c['unmatched'][1])[0]}" for c in failed]
+        if all(c.get("equals_exported_module") for c in failed):
             lines.append("On every one of these the exported file equals PyTorch running the exported module itself: "
                          "the difference is float32 rounding (its convolution layout or runtime's kernels against "
                          "the Predictor's channels_last ones) tipping a near-tie in proposal selection or NMS, not "
