@@ -67,14 +67,9 @@ def git_commit(checkout: Path) -> str:
     return found.stdout.strip() + ("+changes" if dirty else "")
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def measure_scale(args: argparse.Namespace) -> dict[str, Any]:
+    # imported here, not above: it imports torch, which the measuring processes (this file too) must not load early
+    from experiments.benchmarking import cpu_model  # noqa: PLC0415
     root, checkout = Path(args.root).expanduser().absolute(), Path(args.checkout).absolute()
     started = time.perf_counter()
     sizes = {key: max(1, round(value * args.scale)) if key.endswith(("images", "boxes")) else value
@@ -109,7 +104,7 @@ def measure_scale(args: argparse.Namespace) -> dict[str, Any]:
         "peers": peers,
         "setup": {"checkout": str(checkout), "commit": git_commit(checkout), "config": str(CONFIG),
                   "overrides": train_det_command(ROOT, Path("<data>"), Path("<out>"))[2:-1], "data": str(data),
-                  "sizes": sizes, "cpu": cpu_name(), "cpus": os.cpu_count(),
+                  "sizes": sizes, "cpu": cpu_model() or platform.processor(), "cpus": os.cpu_count(),
                   "python": platform.python_version(), "total_s": round(time.perf_counter() - started, 1)},
     }
 
