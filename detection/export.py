@@ -8,17 +8,11 @@ and floor give other sizes: 650x417 -> 96x61 instead of 96x62) and the datasets'
 OpenCV's fixed-point INTER_LINEAR on uint8, bit for bit). A float bilinear resize lands within a grey level of
 OpenCV's on ~12 % of the pixels, which was enough to change the detections of 58 of the 200 raccoon images.
 
-NMS is the other place where a trace departs from eager PyTorch: torchvision's `batched_nms` runs per group
-(FPN level, class) above 1,000 boxes on the CPU, but always with its coordinate trick (every group's boxes shifted
-apart by a float32 offset) when traced, and the offsets' rounding can flip a near-tie (IoU at the threshold): a BCCD
-image lost a 0.50-score detection that way in TorchScript. The export traces `batched_nms_as_in_eager` instead,
-which keeps eager's choice in the graph.
+Where the detector ranks candidates (top-n, NMS) it gives one answer in eager PyTorch and in both traces
+(`detection.ranking`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +20,6 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
-from torchvision.ops import boxes as box_ops
 
 from backbones import fold_batchnorm
 from engine.trained import build_trained_model, load_run_config
@@ -148,46 +141,16 @@ class NormalizedBackbone(nn.Module):
         return self.body(self.preprocessing.normalize(images))
 
 
-def batched_nms_as_in_eager(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, num_groups: int
-                            ) -> Tensor:
-    """`torchvision.ops.batched_nms` as eager PyTorch runs it on the CPU, in a form a trace (ONNX, TorchScript) keeps:
-    per-group NMS above 4,000 box coordinates (torchvision's `_batched_nms_vanilla`), the coordinate trick below;
-    both are computed and the size picks one inside the graph (control flow would not survive the ONNX export).
-    Groups are 0..num_groups-1 (FPN levels in the RPN, labels in the RoI heads). Kept indices, highest score first."""
-    per_group = torch.zeros_like(scores, dtype=torch.bool)
-    for group in range(num_groups):  # a fixed loop: a group without boxes keeps nothing
-        members = torch.where(idxs == group)[0]
-        per_group[members[box_ops.nms(boxes[members], scores[members], iou_threshold)]] = True
-    shifted = torch.zeros_like(per_group)
-    shifted[box_ops._batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)] = True
-    vanilla = torch._shape_as_tensor(boxes).prod() > 4000  # a tensor, so the trace keeps the comparison
-    keep = torch.where((per_group & vanilla) | (shifted & ~vanilla))[0]  # (onnxruntime has no boolean Where)
-    return keep[scores[keep].sort(descending=True)[1]]
-
-
-@contextmanager
-def eager_nms_while_tracing(model: FasterRCNN) -> Iterator[None]:
-    """torchvision's RPN and RoI heads call `box_ops.batched_nms` by attribute: swapped for the export's trace only."""
-    num_groups = max(len(model.rpn.anchor_generator.sizes), model.roi_heads.box_predictor.cls_score.out_features)
-    original = box_ops.batched_nms
-    box_ops.batched_nms = partial(batched_nms_as_in_eager, num_groups=num_groups)
-    try:
-        yield
-    finally:
-        box_ops.batched_nms = original
-
-
 def export_onnx(module: ExportableDetector, path: str | Path, opset: int = 17) -> None:
     """torchvision's Faster R-CNN pattern: the TorchScript-based exporter (`dynamo=False`), dynamic H and W.
 
     Not the torch.export-based default exporter: it cannot yet follow the data-dependent shapes of proposal
     filtering and NMS in torchvision's detection code."""
     example = torch.rand(3, 300, 400)  # any size: H and W are dynamic
-    with eager_nms_while_tracing(module.model):
-        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=["image"],
-                          output_names=["boxes", "scores", "labels"],
-                          dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
-                                        "scores": {0: "detections"}, "labels": {0: "detections"}})
+    torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=["image"],
+                      output_names=["boxes", "scores", "labels"],
+                      dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
+                                    "scores": {0: "detections"}, "labels": {0: "detections"}})
 
 
 def export_torchscript(module: ExportableDetector, path: str | Path) -> None:
@@ -196,7 +159,7 @@ def export_torchscript(module: ExportableDetector, path: str | Path) -> None:
     rounding differs from NCHW's just enough to flip a near-tie between two proposals now and then (one BCCD
     image in 87). onnxruntime has kernels of its own either way, so the ONNX export stays NCHW."""
     to_channels_last(module.model)
-    with torch.no_grad(), eager_nms_while_tracing(module.model):
+    with torch.no_grad():
         traced = torch.jit.trace(module, (torch.rand(3, 300, 400),), check_trace=False)
     traced.save(str(path))
 

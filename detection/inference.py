@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from engine.distributed import gather_object, is_main_process
 
 from .evaluation import CocoEvaluator, VOCEvaluator
+from .ranking import batched_nms
 
 
 def to_original_size(boxes: torch.Tensor, image: torch.Tensor, orig_size: tuple[int, int]) -> torch.Tensor:
@@ -59,7 +59,8 @@ def detect(model: nn.Module, images: list[torch.Tensor], scales: Sequence[float]
     merged = []
     for view in views:
         boxes, scores, labels = (torch.cat([v[key] for v in view]) for key in ("boxes", "scores", "labels"))
-        keep = batched_nms(boxes.float(), scores.float(), labels, roi_heads.nms_thresh)[: roi_heads.detections_per_img]
+        keep = batched_nms(boxes.float(), scores.float(), labels, roi_heads.nms_thresh,
+                           roi_heads.box_predictor.cls_score.out_features)[: roi_heads.detections_per_img]
         merged.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
     return merged
 

@@ -1,9 +1,9 @@
 """Faster R-CNN in the three shapes the ResNet paper and its successors use, on any ResDet backbone.
 
 Everything generic comes from torchvision (FasterRCNN, AnchorGenerator, RPN, RoIHeads,
-MultiScaleRoIAlign, FeaturePyramidNetwork, TwoMLPHead, FastRCNNPredictor); this module only adds
-what torchvision lacks: the C4 res5 box head, the VGG-16 fc6/fc7 head with RoI max-pooling, and the
-adapter from our named stages.
+MultiScaleRoIAlign, FeaturePyramidNetwork, TwoMLPHead, FastRCNNPredictor; the RPN and RoI heads rank
+equal scores in index order, `detection.ranking`); this module only adds what torchvision lacks: the C4
+res5 box head, the VGG-16 fc6/fc7 head with RoI max-pooling, and the adapter from our named stages.
 
 - `c4`  (ResNet paper, appendix A): RPN and RoI pooling on res4 (stride 16), res5 run per RoI.
 - `fpn` (Lin et al. 2017): P2-P6 on res2-res5, multi-level RoIAlign, 2-fc head. Its state dict is
@@ -28,6 +28,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from backbones import Backbone, Preprocessing, build_backbone
 from backbones.build import RESNETS, VGGS
 
+from .ranking import TieOrderedRoIHeads, TieOrderedRPN
 from .roi_align import MultiScaleRoIAlign  # torchvision's, with a multi-threaded backward on the CPU
 
 HEADS = ("c4", "fpn", "vgg")
@@ -201,6 +202,8 @@ def build_detector(cfg: Mapping[str, Any]) -> FasterRCNN:
         box_batch_size_per_image=roi["batch_size_per_image"], box_score_thresh=roi["score_thresh"],
         box_nms_thresh=roi["nms_thresh"], box_detections_per_img=roi["detections_per_img"],
     )
+    # the RPN and RoI heads FasterRCNN built, ranking equal scores in index order (detection.ranking); no new state
+    model.rpn.__class__, model.roi_heads.__class__ = TieOrderedRPN, TieOrderedRoIHeads
     if head == "vgg":  # FasterRCNN's constructor only accepts MultiScaleRoIAlign; Fast R-CNN max-pooled
         model.roi_heads.box_roi_pool = SingleLevelRoIPool("conv5", 7, stride=body.output_shape()["conv5"].stride)
     model.transform = NormalizeOnlyTransform(body.preprocessing, size_divisible=body.size_divisibility)

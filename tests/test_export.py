@@ -22,8 +22,9 @@ import export  # noqa: E402
 
 from datafiles.images import image_to_tensor, read_image  # noqa: E402
 from detection import Predictor  # noqa: E402
-from detection.export import InGraphTestResize, batched_nms_as_in_eager, compare_detections, resized_size  # noqa: E402
+from detection.export import InGraphTestResize, compare_detections, resized_size  # noqa: E402
 from detection.export_check import check_detector  # noqa: E402
+from detection.ranking import batched_nms as tie_ordered_batched_nms  # noqa: E402
 from detection.transforms import build_det_transforms  # noqa: E402
 
 RACCOON = ROOT.parent / "shared" / "data" / "raccoon"
@@ -219,12 +220,12 @@ def nms_cases() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
 
 class BatchedNMS(torch.nn.Module):
     def forward(self, boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:
-        return batched_nms_as_in_eager(boxes, scores, idxs, 0.7, num_groups=5)
+        return tie_ordered_batched_nms(boxes, scores, idxs, 0.7, num_groups=5)
 
 
 def test_exported_nms_takes_the_path_eager_pytorch_takes_at_every_size(tmp_path):
     """A trace keeps torchvision's coordinate trick for every size (a BCCD image lost a detection to it in
-    TorchScript); batched_nms_as_in_eager, traced on the small case, gives eager's answer for both sizes in
+    TorchScript); detection.ranking.batched_nms, traced on the small case, gives eager's answer for both sizes in
     TorchScript and in onnxruntime."""
     small, large = nms_cases()
     for boxes, scores, idxs in (small, large):  # the two paths really differ on these boxes
