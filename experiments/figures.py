@@ -21,7 +21,10 @@ def plot_orderings(results: dict, experiment: str, path: Path) -> None:
     experiments = results["experiments"]
     columns = min(3, len(rows))
     fig = Figure(figsize=(4.2 * columns, 3.6 * ((len(rows) + columns - 1) // columns)), layout="constrained")
-    for ax, row in zip(fig.subplots((len(rows) + columns - 1) // columns, columns, squeeze=False).flat, rows):
+    axes = fig.subplots((len(rows) + columns - 1) // columns, columns, squeeze=False).flat
+    for ax in axes[len(rows):]:  # the last row's empty places
+        ax.set_visible(False)
+    for ax, row in zip(axes, rows):
         for x, condition in enumerate((row["a"], row["b"])):
             values = condition_values(experiments[row["experiment"]], condition)
             s = summarize(values)
