@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from engine.preemption import EXIT_PREEMPTED, STOP_SIGNALS
+from engine.run_lock import EXIT_IN_USE
 
 METRICS = "metrics.json"
 WALL_TIME = "wall_time.json"  # a stage's seconds summed over its attempts (one killed with -9 is not counted)
@@ -62,6 +63,9 @@ def run_stage(tool: str, argv: list[str], stage_dir: Path, out: Path, start: flo
     log(f"running {tool} {' '.join(argv)}")
     t0 = time.time()
     status = run_tool(tool, argv)
+    if status == EXIT_IN_USE:  # another process is training this stage: the time and the record are its own
+        log("in use by another process (named above); this call stops, that one goes on")
+        raise SystemExit(status)
     wall = _add_wall_time(stage_dir, time.time() - t0, finished=status == 0)
     if status != 0:
         log(f"stopped with exit status {status} after {format_duration(wall)} in all"

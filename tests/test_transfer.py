@@ -19,6 +19,7 @@ import transfer  # noqa: E402
 from classification.datasets import build_cls_dataset  # noqa: E402
 import experiments.stages as stages  # noqa: E402
 from experiments.stages import tiny_imagenet_subset  # noqa: E402
+from engine.run_lock import EXIT_IN_USE  # noqa: E402
 from experiments.statistics import compare_pairs, condition_statistics  # noqa: E402
 from experiments.transfer import comparisons, reproduction_experiments, results_markdown  # noqa: E402
 
@@ -225,3 +226,21 @@ def test_a_stage_that_fails_before_making_its_folder_stops_with_its_own_error(tm
     assert "dataset folder not found" in capfd.readouterr().err
     assert not (out / "stage").exists()
     assert "stopped with exit status 1" in (out / stages.STAGE_LOG).read_text()
+
+
+def test_a_stage_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
+    """Two experiment commands sharing an output_dir: the second reaching a stage the first is training gets the
+    tool's EXIT_IN_USE and stops, without adding its refused attempt to the stage's wall_time.json (which the
+    first process writes when it ends: two writers would lose one's seconds)."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "fake_train.py").write_text(f"import sys\nsys.exit({EXIT_IN_USE})\n")
+    monkeypatch.setattr(stages, "TOOLS_DIR", tools)
+    out = tmp_path / "out"
+    (out / "stage").mkdir(parents=True)
+    (out / "stage" / stages.WALL_TIME).write_text(json.dumps({"seconds": 12.5, "finished": False}) + "\n")
+    with pytest.raises(SystemExit) as stopped:
+        stages.run_stage("fake_train", [], out / "stage", out, time.time(), [])
+    assert stopped.value.code == EXIT_IN_USE
+    assert json.loads((out / "stage" / stages.WALL_TIME).read_text()) == {"seconds": 12.5, "finished": False}
+    assert "in use by another process" in (out / stages.STAGE_LOG).read_text()
