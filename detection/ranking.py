@@ -28,11 +28,13 @@ PER_GROUP_ABOVE = 4000
 """torchvision's choice on the CPU: above this many box coordinates, one NMS per group (100,000 on CUDA)."""
 
 
-def descending_order(values: Tensor, dim: int = -1) -> Tensor:
-    """Indices that sort `values` high to low along `dim`, equal values in index order."""
-    if torch.onnx.is_in_onnx_export():
-        return values.sort(dim=dim, descending=True)[1]  # exported as TopK: ties in index order by its definition
-    return values.sort(dim=dim, descending=True, stable=True)[1]
+def descending_order(values: Tensor, k: Tensor | int | None = None) -> Tensor:
+    """Indices of the `k` highest `values` along the last dimension (all of them without `k`), high to low, equal
+    values in index order."""
+    if torch.onnx.is_in_onnx_export():  # exported as TopK, whose ties are in index order by its definition
+        return values.sort(descending=True)[1] if k is None else values.topk(k)[1]
+    order = values.sort(descending=True, stable=True)[1]
+    return order if k is None else order[..., :k]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, num_groups: int) -> Tensor:
@@ -43,7 +45,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     (control flow would not survive the ONNX export). Groups are 0..num_groups-1 (FPN levels in the RPN, labels
     in the RoI heads). NMS keeps the earlier of two equal scores in torchvision and in onnxruntime alike."""
     tracing = torch.jit.is_tracing()
-    many = boxes.numel() > (PER_GROUP_ABOVE if tracing or boxes.device.type == "cpu" else 100_000)
+    many = boxes.numel() > (PER_GROUP_ABOVE if boxes.device.type == "cpu" else 100_000)  # eager's choice
     if tracing or many:
         per_group = torch.zeros_like(scores, dtype=torch.bool)
         # traced: a fixed loop (a group without boxes keeps nothing); eager: the groups present, as torchvision
@@ -68,18 +70,13 @@ class TieOrderedRPN(RegionProposalNetwork):
     def _get_top_n_idx(self, objectness: Tensor, num_anchors_per_level: list[int]) -> Tensor:
         top_n, offset = [], 0
         for level in objectness.split(num_anchors_per_level, 1):
-            n = det_utils._topk_min(level, self.pre_nms_top_n(), 1)
-            if torch.onnx.is_in_onnx_export():
-                order = level.topk(n, dim=1)[1]  # TopK: ties in index order
-            else:
-                order = descending_order(level, dim=1)[:, :n]
-            top_n.append(order + offset)
+            top_n.append(descending_order(level, det_utils._topk_min(level, self.pre_nms_top_n(), 1)) + offset)
             offset += level.shape[1]
         return torch.cat(top_n, dim=1)
 
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
                          num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-        """torchvision's, line for line, with this module's `batched_nms`."""
+        """torchvision's, step for step, with this module's `batched_nms`."""
         num_images = proposals.shape[0]
         objectness = objectness.detach().reshape(num_images, -1)
         levels = torch.cat([torch.full((n,), level, dtype=torch.int64, device=proposals.device)
@@ -106,7 +103,7 @@ class TieOrderedRoIHeads(RoIHeads):
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """torchvision's, line for line, with this module's `batched_nms`."""
+        """torchvision's, step for step, with this module's `batched_nms`."""
         num_classes = class_logits.shape[-1]
         boxes_per_image = [p.shape[0] for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals).split(boxes_per_image, 0)
