@@ -41,10 +41,15 @@ def _default_config(tmp_path: Path) -> Path:
 def test_transfer_runs_end_to_end_then_resumes_without_redoing(tmp_path):
     config = _default_config(tmp_path)
     out = tmp_path / "transfer"
+    pretraining = transfer.main(["--config", str(config), "--pretrain-only"])  # Figure 4 before any detection
+    assert pretraining["stages_run"] == ["resnet18/seed0/cls", "plain18/seed0/cls"]
+    assert json.loads((out / "pretraining.json").read_text()) == pretraining
+    assert (out / "degradation.png").stat().st_size > 1000 and not (out / "results.json").exists()
     results = transfer.main(["--config", str(config)])
 
-    stages = [f"{b}/seed0/{s}" for b in ("resnet18", "plain18") for s in ("cls", "det_pretrained", "det_scratch")]
+    stages = [f"{b}/seed0/{s}" for b in ("resnet18", "plain18") for s in ("det_pretrained", "det_scratch")]
     assert results["stages_run"] == stages
+    assert results["classification"] == pretraining["classification"]
     saved = json.loads((out / "results.json").read_text())
     cells = {(c["backbone"], c["seed"], c["pretrained"]): c for c in saved["cells"]}
     assert set(cells) == {(b, 0, p) for b in ("resnet18", "plain18") for p in (True, False)}
@@ -94,7 +99,7 @@ def test_transfer_runs_end_to_end_then_resumes_without_redoing(tmp_path):
     assert time.time() - start < 15
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/*/metrics.json")} == metrics_times
     assert again["cells"] == saved["cells"]
-    assert (out / "stages.log").read_text().count("done before, skipped") == 6
+    assert (out / "stages.log").read_text().count("done before, skipped") == 2 + 6  # the cls stages, then all
 
 
 def test_tiny_imagenet_class_subset_links_the_first_classes(tmp_path):

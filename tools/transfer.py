@@ -10,7 +10,8 @@ Both tools run as child processes (experiments.stages.run_tool), with overrides 
 
 Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scratch}`; a stage whose
 metrics.json exists is not redone (a stage with only last.pth is resumed), so rerunning the same command
-continues an interrupted experiment. Writes to `output_dir`: results.json (every cell, the per-condition statistics
+continues an interrupted experiment. With --pretrain-only: pretraining.json (each pretraining's top-1 / top-5,
+training top-1, wall time) and degradation.png. Otherwise writes to `output_dir`: results.json (every cell, the per-condition statistics
 and the comparisons), results.md (mean, std and 95 % CI over seeds; pretrained - scratch and ResNet - plain with
 Welch intervals and whether each ordering held), reproduction.json (the runs in docs/reproduction.json's schema,
 see tools/merge_reproduction.py), transfer.png (detection AP with / without pretraining), orderings_<experiment>.png (one panel per ordering of a
@@ -105,10 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
                               "cls_train_top1": cls_metrics.get("train_top1") if pretrained else None,
                               "cls_wall_s": cls_wall if pretrained else None, "det_wall_s": det_wall})
 
-    if args.pretrain_only:
+    degradation = [{"net": c["backbone"], "history": c["history"]} for c in classification]
+    if args.pretrain_only:  # the pretrainings' own record and Figure 4, before any detection stage exists
+        pretraining = {"classification": classification, "stages_run": ran}
+        (out / "pretraining.json").write_text(json.dumps(pretraining, indent=2) + "\n")
+        plot_degradation(degradation, out / "degradation.png")
         print(f"[transfer] pretraining done in {format_duration(time.time() - start)}: {len(ran)} stage(s) run; "
-              "detection comes with the same command without --pretrain-only")
-        return {"classification": classification, "stages_run": ran}
+              "pretraining.json and degradation.png written; detection comes with the same command without "
+              "--pretrain-only")
+        return pretraining
     metric = "AP" if "AP" in cells[0] else "mAP"
     results = {"metric": metric, "backbones": list(cfg.backbones), "seeds": list(cfg.seeds), "cells": cells,
                "classification": classification, "stages_run": ran, "wall_s": time.time() - start,
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_transfer(results, out / "transfer.png")
     for experiment in (e for e in experiments if e.startswith("transfer_")):  # one figure per detection metric
         plot_orderings(results, experiment, out / f"orderings_{experiment}.png")
-    plot_degradation([{"net": c["backbone"], "history": c["history"]} for c in classification], out / "degradation.png")
+    plot_degradation(degradation, out / "degradation.png")
     print((out / "results.md").read_text())
     print(f"[transfer] done in {format_duration(time.time() - start)}: {len(ran)} stage(s) run; results in {out}")
     return results
