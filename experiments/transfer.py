@@ -8,20 +8,27 @@ from .stages import format_duration
 from .statistics import compare_pairs, experiment_record, statistics_markdown, summarize
 
 
-def reproduction_experiments(results: dict, dataset: str, variant: str | None = None) -> dict[str, dict]:
-    """The runs in docs/reproduction.json's schema: pretrain_top1 / pretrain_train_error (condition = backbone)
-    and transfer_<dataset>_ap50 (+ _ap for COCO metrics) with conditions <backbone>_scratch / _pretrained,
-    each name ending in _<variant> when there is one. Values in percent. AP50 is COCO's AP at IoU 0.5
-    (101-point) with eval.metric=coco, else the VOC mAP."""
-    coco = results["metric"] == "AP"
+def pretraining_experiments(classification: list[dict], variant: str | None = None) -> dict[str, dict]:
+    """The pretrainings in docs/reproduction.json's schema: pretrain_top1 and pretrain_train_error (condition =
+    backbone), each name ending in _<variant> when there is one. Values in percent."""
     experiments = {
         "pretrain_top1": experiment_record("classification val top-1 (%)", True,
-                                     [(c["backbone"], c["seed"], c["top1"]) for c in results["classification"]]),
+                                           [(c["backbone"], c["seed"], c["top1"]) for c in classification]),
         "pretrain_train_error": experiment_record(
             "classification final training error (%, last epoch)", False,
             [(c["backbone"], c["seed"], None if c["train_top1"] is None else 100 - c["train_top1"])
-             for c in results["classification"]]),
+             for c in classification]),
     }
+    return {f"{name}_{variant}" if variant else name: experiment for name, experiment in experiments.items()}
+
+
+def reproduction_experiments(results: dict, dataset: str, variant: str | None = None) -> dict[str, dict]:
+    """The runs in docs/reproduction.json's schema: the pretrainings' (`pretraining_experiments`) and
+    transfer_<dataset>_ap50 (+ _ap for COCO metrics) with conditions <backbone>_scratch / _pretrained,
+    each name ending in _<variant> when there is one. Values in percent. AP50 is COCO's AP at IoU 0.5
+    (101-point) with eval.metric=coco, else the VOC mAP."""
+    coco = results["metric"] == "AP"
+    experiments = {}
     keys = [("ap50", "AP50" if coco else "mAP", "COCO AP50 (%)" if coco else "VOC AP50 (%)")]
     if coco:
         keys.append(("ap", "AP", "COCO AP@[.5:.95] (%)"))
@@ -29,7 +36,8 @@ def reproduction_experiments(results: dict, dataset: str, variant: str | None = 
         runs = [(f"{c['backbone']}_{'pretrained' if c['pretrained'] else 'scratch'}", c["seed"],
                  None if c.get(key) is None else 100 * c[key]) for c in results["cells"]]
         experiments[f"transfer_{dataset}_{suffix}"] = experiment_record(metric, True, runs)
-    return {f"{name}_{variant}" if variant else name: experiment for name, experiment in experiments.items()}
+    return {**pretraining_experiments(results["classification"], variant),
+            **{f"{name}_{variant}" if variant else name: experiment for name, experiment in experiments.items()}}
 
 
 def comparisons(experiments: dict[str, dict], backbones: list[str]) -> list[dict]:

@@ -45,6 +45,7 @@ def test_transfer_runs_end_to_end_then_resumes_without_redoing(tmp_path):
     assert pretraining["stages_run"] == ["resnet18/seed0/cls", "plain18/seed0/cls"]
     assert json.loads((out / "pretraining.json").read_text()) == pretraining
     assert (out / "degradation.png").stat().st_size > 1000 and not (out / "results.json").exists()
+    assert set(pretraining["experiments"]) == {"pretrain_top1", "pretrain_train_error"}
     results = transfer.main(["--config", str(config)])
 
     stages = [f"{b}/seed0/{s}" for b in ("resnet18", "plain18") for s in ("det_pretrained", "det_scratch")]
@@ -83,6 +84,7 @@ def test_transfer_runs_end_to_end_then_resumes_without_redoing(tmp_path):
     assert sorted(r["condition"] for r in experiments["transfer_shapes_ap"]["runs"]) == [
         "plain18_pretrained", "plain18_scratch", "resnet18_pretrained", "resnet18_scratch"]
     assert sorted(r["condition"] for r in experiments["pretrain_top1"]["runs"]) == ["plain18", "resnet18"]
+    assert {k: experiments[k] for k in pretraining["experiments"]} == pretraining["experiments"]
     assert experiments["pretrain_train_error"]["higher_is_better"] is False
     ap = {r["condition"]: r["value"] for r in experiments["transfer_shapes_ap"]["runs"]}
     assert ap["resnet18_scratch"] == pytest.approx(100 * cells[("resnet18", 0, False)]["AP"])

@@ -11,7 +11,7 @@ Both tools run as child processes (experiments.stages.run_tool), with overrides 
 Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scratch}`; a stage whose
 metrics.json exists is not redone (a stage with only last.pth is resumed), so rerunning the same command
 continues an interrupted experiment. With --pretrain-only: pretraining.json (each pretraining's top-1 / top-5,
-training top-1, wall time) and degradation.png. Otherwise writes to `output_dir`: results.json (every cell, the per-condition statistics
+training top-1, wall time, and their experiments in docs/reproduction.json's schema) and degradation.png. Otherwise writes to `output_dir`: results.json (every cell, the per-condition statistics
 and the comparisons), results.md (mean, std and 95 % CI over seeds; pretrained - scratch and ResNet - plain with
 Welch intervals and whether each ordering held), reproduction.json (the runs in docs/reproduction.json's schema,
 see tools/merge_reproduction.py), transfer.png (detection AP with / without pretraining), orderings_<experiment>.png (one panel per ordering of a
@@ -38,7 +38,8 @@ from engine.output import HISTORY  # noqa: E402
 from experiments.figures import plot_degradation, plot_orderings, plot_transfer  # noqa: E402
 from experiments.stages import format_duration, run_stage, tiny_imagenet_subset  # noqa: E402
 from experiments.statistics import condition_statistics  # noqa: E402
-from experiments.transfer import comparisons, reproduction_experiments, results_markdown  # noqa: E402
+from experiments.transfer import (comparisons, pretraining_experiments, reproduction_experiments,  # noqa: E402
+                                  results_markdown)
 
 DEFAULT_CONFIG = CONFIGS_DIR / "transfer" / "default.yaml"
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     degradation = [{"net": c["backbone"], "history": c["history"]} for c in classification]
     if args.pretrain_only:  # the pretrainings' own record and Figure 4, before any detection stage exists
-        pretraining = {"classification": classification, "stages_run": ran}
+        pretraining = {"classification": classification, "stages_run": ran,  # "experiments": merge_reproduction's
+                       "experiments": pretraining_experiments(classification, cfg.variant)}
         (out / "pretraining.json").write_text(json.dumps(pretraining, indent=2) + "\n")
         plot_degradation(degradation, out / "degradation.png")
         print(f"[transfer] pretraining done in {format_duration(time.time() - start)}: {len(ran)} stage(s) run; "
