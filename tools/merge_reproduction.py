@@ -6,8 +6,9 @@
 Every input is `{"experiments": {NAME: {"metric", "higher_is_better", "runs": [{"condition", "seed", "value"}]}}}`
 (tools/transfer.py's reproduction.json, or its pretraining.json with --pretrain-only; tools/cifar_degradation.py's
 reproduction.json). An experiment found in several inputs (e.g. seeds run in separate output folders) has its runs
-concatenated; its metric and direction must agree, and a (condition, seed) found twice must have the same value
-(it is kept once: e.g. a pretraining shared by two transfer experiments). An existing --out file is not overwritten without --overwrite.
+concatenated; its metric and direction must agree, and a (condition, seed) found twice must have the same value (it
+is kept once: e.g. a pretraining shared by two transfer experiments). An existing --out file is not overwritten
+without --overwrite.
 """
 from __future__ import annotations
 

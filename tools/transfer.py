@@ -8,15 +8,16 @@ For every backbone x seed: (1) pretrain a classifier with tools/train_cls.py, (2
 tools/train_det.py from that classifier's backbone.pth AND from scratch (same schedule), (3) collect the metrics.
 Both tools run as child processes (experiments.stages.run_tool), with overrides built from this config.
 
-Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scratch}`; a stage whose
-metrics.json exists is not redone (a stage with only last.pth is resumed), so rerunning the same command
-continues an interrupted experiment. With --pretrain-only: pretraining.json (each pretraining's top-1 / top-5,
-training top-1, wall time, and their experiments in docs/reproduction.json's schema) and degradation.png. Otherwise writes to `output_dir`: results.json (every cell, the per-condition statistics
-and the comparisons), results.md (mean, std and 95 % CI over seeds; pretrained - scratch and ResNet - plain with
-Welch intervals and whether each ordering held), reproduction.json (the runs in docs/reproduction.json's schema,
-see tools/merge_reproduction.py), transfer.png (detection AP with / without pretraining), orderings_<experiment>.png (one panel per ordering of a
-detection metric: seeds, means, the Welch interval and whether the paper's ordering held), degradation.png (classification
-training error of plain vs ResNet nets, the paper's Figure 4) and stages.log (one line per stage run or skipped).
+Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scratch}`; a stage whose metrics.json
+exists is not redone (a stage with only last.pth is resumed), so rerunning the same command continues an interrupted
+experiment. With --pretrain-only: pretraining.json (each pretraining's top-1 / top-5, training top-1, wall time, and
+their experiments in docs/reproduction.json's schema) and degradation.png. Otherwise writes to `output_dir`:
+results.json (every cell, the per-condition statistics and the comparisons), results.md (mean, std and 95 % CI over
+seeds; pretrained - scratch and ResNet - plain with Welch intervals and whether each ordering held),
+reproduction.json (the runs in docs/reproduction.json's schema, see tools/merge_reproduction.py), transfer.png
+(detection AP with / without pretraining), orderings_<experiment>.png (one panel per ordering of a detection metric:
+seeds, means, the Welch interval and whether the paper's ordering held), degradation.png (classification training
+error of plain vs ResNet nets, the paper's Figure 4) and stages.log (one line per stage run or skipped).
 """
 from __future__ import annotations
 
