@@ -19,7 +19,7 @@ def pretraining_experiments(classification: list[dict], variant: str | None = No
             [(c["backbone"], c["seed"], None if c["train_top1"] is None else 100 - c["train_top1"])
              for c in classification]),
     }
-    return {f"{name}_{variant}" if variant else name: experiment for name, experiment in experiments.items()}
+    return _with_variant(experiments, variant)
 
 
 def reproduction_experiments(results: dict, dataset: str, variant: str | None = None) -> dict[str, dict]:
@@ -36,8 +36,12 @@ def reproduction_experiments(results: dict, dataset: str, variant: str | None = 
         runs = [(f"{c['backbone']}_{'pretrained' if c['pretrained'] else 'scratch'}", c["seed"],
                  None if c.get(key) is None else 100 * c[key]) for c in results["cells"]]
         experiments[f"transfer_{dataset}_{suffix}"] = experiment_record(metric, True, runs)
-    return {**pretraining_experiments(results["classification"], variant),
-            **{f"{name}_{variant}" if variant else name: experiment for name, experiment in experiments.items()}}
+    return {**pretraining_experiments(results["classification"], variant), **_with_variant(experiments, variant)}
+
+
+def _with_variant(experiments: dict[str, dict], variant: str | None) -> dict[str, dict]:
+    """Each experiment's name with `_<variant>` appended when there is a variant."""
+    return {f"{name}_{variant}" if variant else name: experiment for name, experiment in experiments.items()}
 
 
 def comparisons(experiments: dict[str, dict], backbones: list[str]) -> list[dict]:

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     degradation = [{"net": c["backbone"], "history": c["history"]} for c in classification]
     if args.pretrain_only:  # the pretrainings' own record and Figure 4, before any detection stage exists
-        pretraining = {"classification": classification, "stages_run": ran,  # "experiments": merge_reproduction's
+        # "experiments" makes the file an input of tools/merge_reproduction.py as it is
+        pretraining = {"classification": classification, "stages_run": ran,
                        "experiments": pretraining_experiments(classification, cfg.variant)}
         (out / "pretraining.json").write_text(json.dumps(pretraining, indent=2) + "\n")
         plot_degradation(degradation, out / "degradation.png")
