@@ -4,6 +4,7 @@ continues where it stopped. Used by tools/transfer.py and tools/cifar_degradatio
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,16 @@ STAGE_LOG = "stages.log"
 TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"  # the checkout's tools/ (README: a checkout toolkit)
 
 
+class StageInUse(SystemExit):
+    """Another process is training this stage (its run folder's lock, engine.run_lock). A SystemExit with the
+    tool's EXIT_IN_USE, so an experiment that does not catch it stops as the tool did; one that shares its stages
+    between processes (tools/transfer.py) catches it and passes the stage over."""
+
+    def __init__(self, stage_dir: Path):
+        super().__init__(EXIT_IN_USE)
+        self.stage_dir = stage_dir
+
+
 def tiny_imagenet_subset(root: Path, num_classes: int, parent: Path, fmt: str) -> Path:
     """`parent/<root name>-<N>cls`: a Tiny-ImageNet folder of the first N (sorted) classes of `root`, made of
     symlinks (train class folders, val images) plus the filtered wnids.txt and val_annotations.txt."""
@@ -31,15 +42,28 @@ def tiny_imagenet_subset(root: Path, num_classes: int, parent: Path, fmt: str) -
     (dst / "val").mkdir(parents=True, exist_ok=True)
     (dst / "train").mkdir(exist_ok=True)
     for wnid in wnids:
-        if not (dst / "train" / wnid).exists():
-            (dst / "train" / wnid).symlink_to((root / "train" / wnid).resolve(), target_is_directory=True)
-    if not (dst / "val" / "images").exists():
-        (dst / "val" / "images").symlink_to((root / "val" / "images").resolve(), target_is_directory=True)
+        _link(dst / "train" / wnid, (root / "train" / wnid).resolve())
+    _link(dst / "val" / "images", (root / "val" / "images").resolve())
     lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
     kept = [line for line in lines if len(line.split("\t")) > 1 and line.split("\t")[1] in wnids]
-    (dst / "val" / "val_annotations.txt").write_text("\n".join(kept) + "\n")
-    (dst / "wnids.txt").write_text("\n".join(wnids) + "\n")  # last: marks the copy complete
+    _write_whole(dst / "val" / "val_annotations.txt", "\n".join(kept) + "\n")
+    _write_whole(dst / "wnids.txt", "\n".join(wnids) + "\n")  # last: marks the copy complete
     return dst
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write `path` through a temporary and a rename: a process reading it never sees it half written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _link(path: Path, target: Path) -> None:
+    """A symlink to a folder, unless one is there (made earlier, or just now by another process of the study)."""
+    try:
+        path.symlink_to(target, target_is_directory=True)
+    except FileExistsError:
+        pass
 
 
 def run_stage(tool: str, argv: list[str], stage_dir: Path, out: Path, start: float, ran: list[str], *,
@@ -47,7 +71,8 @@ def run_stage(tool: str, argv: list[str], stage_dir: Path, out: Path, start: flo
     """Run the training tool `tools/<tool>.py` (e.g. "train_cls") with `argv` into `stage_dir` unless its
     metrics.json exists (resuming it when it holds a checkpoint); return (metrics, wall seconds of the run).
     Progress lines go to stdout and `out/log_name`. A stage stopped by a signal (its preemption checkpoint
-    written) or failing ends the experiment with the stage's exit status; the same command continues it."""
+    written) or failing ends the experiment with the stage's exit status; the same command continues it. A stage
+    another process is training raises StageInUse."""
     def log(line: str) -> None:
         line = f"[{tag} {format_duration(time.time() - start)}] {stage_dir.relative_to(out)}: {line}"
         print(line, flush=True)
@@ -64,8 +89,8 @@ def run_stage(tool: str, argv: list[str], stage_dir: Path, out: Path, start: flo
     t0 = time.time()
     status = run_tool(tool, argv)
     if status == EXIT_IN_USE:  # another process is training this stage: the time and the record are its own
-        log("in use by another process (named above); this call stops, that one goes on")
-        raise SystemExit(status)
+        log("in use by another process (named above), which goes on with it")
+        raise StageInUse(stage_dir)
     wall = _add_wall_time(stage_dir, time.time() - t0, finished=status == 0)
     if status != 0:
         log(f"stopped with exit status {status} after {format_duration(wall)} in all"

@@ -251,3 +251,57 @@ def test_a_stage_another_process_is_running_is_left_to_it(tmp_path, monkeypatch)
     assert stopped.value.code == EXIT_IN_USE
     assert json.loads((out / "stage" / stages.WALL_TIME).read_text()) == {"seconds": 12.5, "finished": False}
     assert "in use by another process" in (out / stages.STAGE_LOG).read_text()
+
+
+FAKE_STAGE_TOOL = """\
+import json, os, pathlib, sys
+out = pathlib.Path([a.split("=", 1)[1] for a in sys.argv if a.startswith("output_dir=")][-1])
+held = pathlib.Path(os.environ["HELD_STAGES"])  # "<stage dir>" held throughout, "<stage dir> once": held, then done
+lines = held.read_text().splitlines()
+for line in lines:
+    if line.split()[0] == str(out):
+        if line.endswith(" once"):  # the other process finishes it right after refusing us
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps({METRICS}))
+            held.write_text("\\n".join(x for x in lines if x != line))
+        sys.exit(73)
+out.mkdir(parents=True, exist_ok=True)
+(out / "metrics.json").write_text(json.dumps({METRICS}))
+"""
+
+
+def test_two_processes_of_one_study_share_its_stages(tmp_path, monkeypatch, capsys):
+    """The same command on two cores: a stage the other process holds (its run folder's lock: the tool exits
+    EXIT_IN_USE) is passed over with the detection stages that need it, the rest runs; when only held stages are
+    left the call stops with EXIT_IN_USE and writes no results. A stage the other process finished in the meantime
+    is found done on the next pass, and the results are written."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "train_cls.py").write_text(FAKE_STAGE_TOOL.replace("{METRICS}", '{"top1": 50.0, "train_top1": 60.0}'))
+    (tools / "train_det.py").write_text(FAKE_STAGE_TOOL.replace("{METRICS}", '{"AP": 0.3, "AP50": 0.6}'))
+    monkeypatch.setattr(stages, "TOOLS_DIR", tools)
+    held = tmp_path / "held.txt"
+    monkeypatch.setenv("HELD_STAGES", str(held))
+    config = _default_config(tmp_path)
+
+    out = tmp_path / "held_throughout"
+    held.write_text(f"{out / 'resnet18' / 'seed0' / 'cls'}\n")
+    with pytest.raises(SystemExit) as stopped:
+        transfer.main(["--config", str(config), f"output_dir={out}"])
+    assert stopped.value.code == EXIT_IN_USE
+    assert "1 stage(s) in use by another process of this study (resnet18/seed0/cls)" in capsys.readouterr().out
+    assert sorted(str(p.parent.relative_to(out)) for p in out.glob("*/seed0/*/metrics.json")) == [
+        "plain18/seed0/cls", "plain18/seed0/det_pretrained", "plain18/seed0/det_scratch"]
+    assert not (out / "resnet18").exists() and not (out / "results.json").exists()  # its detection waits for it
+
+    out = tmp_path / "finished_meanwhile"
+    held.write_text(f"{out / 'resnet18' / 'seed0' / 'det_pretrained'} once\n")
+    results = transfer.main(["--config", str(config), f"output_dir={out}"])
+    assert results["stages_run"] == ["resnet18/seed0/cls", "resnet18/seed0/det_scratch", "plain18/seed0/cls",
+                                     "plain18/seed0/det_pretrained", "plain18/seed0/det_scratch"]
+    assert sorted((c["backbone"], c["pretrained"]) for c in results["cells"]) == [
+        ("plain18", False), ("plain18", True), ("resnet18", False), ("resnet18", True)]
+    assert (out / "results.json").is_file()
+    log = (out / "stages.log").read_text()
+    assert "resnet18/seed0/det_pretrained: in use by another process" in log
+    assert "resnet18/seed0/det_pretrained: done before, skipped" in log

@@ -10,7 +10,9 @@ Both tools run as child processes (experiments.stages.run_tool), with overrides 
 
 Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scratch}`; a stage whose metrics.json
 exists is not redone (a stage with only last.pth is resumed), so rerunning the same command continues an interrupted
-experiment. With --pretrain-only: pretraining.json (each pretraining's top-1 / top-5, training top-1, wall time, and
+experiment. The same command started twice (one process per core, or per node on a shared file system) shares the
+stages: each passes over a stage the other is training (its run folder's lock) and, when only those are left,
+stops with exit status 73; the one that ends last writes the results. With --pretrain-only: pretraining.json (each pretraining's top-1 / top-5, training top-1, wall time, and
 their experiments in docs/reproduction.json's schema) and degradation.png. Otherwise writes to `output_dir`:
 results.json (every cell, the per-condition statistics and the comparisons), results.md (mean, std and 95 % CI over
 seeds; pretrained - scratch and ResNet - plain with Welch intervals and whether each ordering held),
@@ -37,7 +39,9 @@ from detection.build import DEFAULT_CONFIG as DET_DEFAULT_CONFIG  # noqa: E402
 from engine.config import CONFIGS_DIR, ConfigError, config_or_exit, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
 from experiments.figures import plot_degradation, plot_orderings, plot_transfer  # noqa: E402
-from experiments.stages import format_duration, run_stage, tiny_imagenet_subset  # noqa: E402
+from engine.run_lock import EXIT_IN_USE  # noqa: E402
+from experiments.stages import (StageInUse, format_duration, run_stage,  # noqa: E402
+                                tiny_imagenet_subset)
 from experiments.statistics import condition_statistics  # noqa: E402
 from experiments.transfer import (comparisons, pretraining_experiments, reproduction_experiments,  # noqa: E402
                                   results_markdown)
@@ -73,40 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
         subset = tiny_imagenet_subset(Path(cls_data.root), cfg.cls.class_subset, out / "data", cls_data.format)
         cls_shared.append(f"data.root={subset}")
 
-    classification, cells = [], []
-    for seed in cfg.seeds:  # seed-major: a run stopped early still has every backbone for the first seeds
-        for backbone in cfg.backbones:
-            extra = cfg.per_backbone.get(backbone, {})
-            run_dir = out / backbone / f"seed{seed}"
-            common = [f"model.backbone.name={backbone}", f"train.seed={seed}"]
-
-            # (1) pretrain the classifier, export backbone.pth (once per backbone when cls.seed is set)
-            cls_seed = seed if cfg.cls.seed is None else cfg.cls.seed
-            cls_dir = run_dir / "cls" if cfg.cls.seed is None else out / backbone / f"pretrain_seed{cls_seed}"
-            cls_argv = _argv(cfg.cls.config, [*cls_shared, *extra.get("cls", []), f"model.backbone.name={backbone}",
-                                              f"train.seed={cls_seed}"])
-            cls_metrics, cls_wall = run_stage("train_cls", cls_argv, cls_dir, out, start, ran)
-            if not any(c["backbone"] == backbone and c["seed"] == cls_seed for c in classification):
-                classification.append({"backbone": backbone, "seed": cls_seed, "top1": cls_metrics["top1"],
-                                       "top5": cls_metrics.get("top5"), "train_top1": cls_metrics.get("train_top1"),
-                                       "wall_s": cls_wall, "history": str(cls_dir / HISTORY)})
-            if args.pretrain_only:
-                continue
-
-            # (2) + (3) detection from the pretrained backbone and from scratch (same schedule) where asked
-            for pretrained in (True, False) if backbone in scratch else (True,):
-                weights = str(cls_dir / "backbone.pth") if pretrained else "null"
-                det_argv = _argv(cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
-                                                  f"model.backbone.weights={weights}"])
-                det_dir = run_dir / ("det_pretrained" if pretrained else "det_scratch")
-                det_metrics, det_wall = run_stage("train_det", det_argv, det_dir, out, start, ran)
-                cells.append({"backbone": backbone, "seed": seed, "pretrained": pretrained,
-                              **{k: v for k, v in det_metrics.items() if not isinstance(v, dict)},
-                              "per_class": {k.removesuffix("_per_class"): v for k, v in det_metrics.items()
-                                            if k.endswith("_per_class")},
-                              "cls_top1": cls_metrics["top1"] if pretrained else None,
-                              "cls_train_top1": cls_metrics.get("train_top1") if pretrained else None,
-                              "cls_wall_s": cls_wall if pretrained else None, "det_wall_s": det_wall})
+    while True:  # passes over the stages until none is left to another process, or only such are left
+        ran_before = len(ran)
+        classification, cells, in_use = run_stages(cfg, args.pretrain_only, scratch, cls_shared, out, start, ran)
+        if not in_use:
+            break
+        if len(ran) == ran_before:  # the rest is another process's: the last one to end collects the results
+            print(f"[transfer] {len(in_use)} stage(s) in use by another process of this study "
+                  f"({', '.join(str(p.relative_to(out)) for p in in_use)}): left to it; whichever process ends last "
+                  "writes the results (or run this command again then)")
+            raise SystemExit(EXIT_IN_USE)
 
     degradation = [{"net": c["backbone"], "history": c["history"]} for c in classification]
     if args.pretrain_only:  # the pretrainings' own record and Figure 4, before any detection stage exists
@@ -136,6 +116,58 @@ def main(argv: list[str] | None = None) -> dict:
     print((out / "results.md").read_text())
     print(f"[transfer] done in {format_duration(time.time() - start)}: {len(ran)} stage(s) run; results in {out}")
     return results
+
+
+def run_stages(cfg, pretrain_only: bool, scratch: list[str], cls_shared: list[str], out: Path, start: float,
+               ran: list[str]) -> tuple[list[dict], list[dict], list[Path]]:
+    """One pass over the study's stages, seed-major (a run stopped early still has every backbone for the first
+    seeds): (classification rows, detection cells, the stages another process is training). Those are passed
+    over, with the detection stages that need a pretraining passed over: the same command on each core shares
+    the study."""
+    classification, cells, in_use = [], [], []
+    for seed in cfg.seeds:
+        for backbone in cfg.backbones:
+            extra = cfg.per_backbone.get(backbone, {})
+            run_dir = out / backbone / f"seed{seed}"
+            common = [f"model.backbone.name={backbone}", f"train.seed={seed}"]
+
+            # (1) pretrain the classifier, export backbone.pth (once per backbone when cls.seed is set)
+            cls_seed = seed if cfg.cls.seed is None else cfg.cls.seed
+            cls_dir = run_dir / "cls" if cfg.cls.seed is None else out / backbone / f"pretrain_seed{cls_seed}"
+            cls_argv = _argv(cfg.cls.config, [*cls_shared, *extra.get("cls", []), f"model.backbone.name={backbone}",
+                                              f"train.seed={cls_seed}"])
+            try:
+                cls_metrics, cls_wall = run_stage("train_cls", cls_argv, cls_dir, out, start, ran)
+            except StageInUse as busy:  # with cls.seed set, every seed meets the same pretraining
+                if busy.stage_dir not in in_use:
+                    in_use.append(busy.stage_dir)
+                continue
+            if not any(c["backbone"] == backbone and c["seed"] == cls_seed for c in classification):
+                classification.append({"backbone": backbone, "seed": cls_seed, "top1": cls_metrics["top1"],
+                                       "top5": cls_metrics.get("top5"), "train_top1": cls_metrics.get("train_top1"),
+                                       "wall_s": cls_wall, "history": str(cls_dir / HISTORY)})
+            if pretrain_only:
+                continue
+
+            # (2) + (3) detection from the pretrained backbone and from scratch (same schedule) where asked
+            for pretrained in (True, False) if backbone in scratch else (True,):
+                weights = str(cls_dir / "backbone.pth") if pretrained else "null"
+                det_argv = _argv(cfg.det.config, [*cfg.det.overrides, *extra.get("det", []), *common,
+                                                  f"model.backbone.weights={weights}"])
+                det_dir = run_dir / ("det_pretrained" if pretrained else "det_scratch")
+                try:
+                    det_metrics, det_wall = run_stage("train_det", det_argv, det_dir, out, start, ran)
+                except StageInUse as busy:
+                    in_use.append(busy.stage_dir)
+                    continue
+                cells.append({"backbone": backbone, "seed": seed, "pretrained": pretrained,
+                              **{k: v for k, v in det_metrics.items() if not isinstance(v, dict)},
+                              "per_class": {k.removesuffix("_per_class"): v for k, v in det_metrics.items()
+                                            if k.endswith("_per_class")},
+                              "cls_top1": cls_metrics["top1"] if pretrained else None,
+                              "cls_train_top1": cls_metrics.get("train_top1") if pretrained else None,
+                              "cls_wall_s": cls_wall if pretrained else None, "det_wall_s": det_wall})
+    return classification, cells, in_use
 
 
 def check_stage_configs(parser: argparse.ArgumentParser, cfg, scratch: list[str]) -> None:
