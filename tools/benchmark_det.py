@@ -18,7 +18,7 @@ Measured (see docs/benchmarks.md for the method and results):
   (`torch.utils.flop_counter.FlopCounterMode`: convolutions and matrix products), the GFLOP/s achieved, and
   the ceiling measured in the same run at the same thread count (an fp32 matrix product: sgemm on CPU);
 - training throughput of ours in channels_last and under bf16 autocast (`train.amp=bf16`: fast only where the
-  CPU has bf16 matrix units, AMX; elsewhere it is emulated and slower) too;
+  CPU has bf16 instructions, AMX or AVX512_BF16; elsewhere it is emulated and slower) too;
 - peak memory of each (model, phase): on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's
   peak RSS (VmHWM, reset through /proc/self/clear_refs after the model and inputs are set up), each
   (model, phase) in a fresh subprocess so no earlier phase's freed-but-cached memory is reused.
