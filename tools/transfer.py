@@ -12,8 +12,9 @@ Each stage writes to `output_dir/<backbone>/seed<k>/{cls,det_pretrained,det_scra
 exists is not redone (a stage with only last.pth is resumed), so rerunning the same command continues an interrupted
 experiment. The same command started twice (one process per core, or per node on a shared file system) shares the
 stages: each passes over a stage the other is training (its run folder's lock) and, when only those are left,
-stops with exit status 73; the one that ends last writes the results. With --pretrain-only: pretraining.json (each pretraining's top-1 / top-5, training top-1, wall time, and
-their experiments in docs/reproduction.json's schema) and degradation.png. Otherwise writes to `output_dir`:
+stops with exit status 73; the one that ends last writes the results. With --pretrain-only: pretraining.json (each
+pretraining's top-1 / top-5, training top-1, wall time, and their experiments in docs/reproduction.json's schema)
+and degradation.png. Otherwise writes to `output_dir`:
 results.json (every cell, the per-condition statistics and the comparisons), results.md (mean, std and 95 % CI over
 seeds; pretrained - scratch and ResNet - plain with Welch intervals and whether each ordering held),
 reproduction.json (the runs in docs/reproduction.json's schema, see tools/merge_reproduction.py), transfer.png
@@ -38,8 +39,8 @@ from classification.build import DEFAULT_CONFIG as CLS_DEFAULT_CONFIG  # noqa: E
 from detection.build import DEFAULT_CONFIG as DET_DEFAULT_CONFIG  # noqa: E402
 from engine.config import CONFIGS_DIR, ConfigError, config_or_exit, load_config  # noqa: E402
 from engine.output import HISTORY  # noqa: E402
-from experiments.figures import plot_degradation, plot_orderings, plot_transfer  # noqa: E402
 from engine.run_lock import EXIT_IN_USE  # noqa: E402
+from experiments.figures import plot_degradation, plot_orderings, plot_transfer  # noqa: E402
 from experiments.stages import (StageInUse, format_duration, run_stage,  # noqa: E402
                                 tiny_imagenet_subset)
 from experiments.statistics import condition_statistics  # noqa: E402
@@ -121,9 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
 def run_stages(cfg, pretrain_only: bool, scratch: list[str], cls_shared: list[str], out: Path, start: float,
                ran: list[str]) -> tuple[list[dict], list[dict], list[Path]]:
     """One pass over the study's stages, seed-major (a run stopped early still has every backbone for the first
-    seeds): (classification rows, detection cells, the stages another process is training). Those are passed
-    over, with the detection stages that need a pretraining passed over: the same command on each core shares
-    the study."""
+    seeds): (classification rows, detection cells, the stages another process is training). A stage another
+    process is training is passed over, and with a pretraining the detection stages that need it: so the same
+    command on each core shares the study."""
     classification, cells, in_use = [], [], []
     for seed in cfg.seeds:
         for backbone in cfg.backbones:
