@@ -83,11 +83,12 @@ def mean_curve(histories: list[Path], key: str) -> list[tuple[int, float]]:
 def plot_degradation(runs: list[dict], path: Path) -> None:
     """The paper's Figures 4 / 6: classification error vs iteration, plain nets (left), ResNets (right), mean over
     seeds; dashed = training error (windowed over log_every iterations), bold = validation / test error.
-    `runs`: {"net": name, "history": history.jsonl path} per run."""
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
+    `runs`: {"net": name, "history": history.jsonl path} per run. A family with no run gets no panel."""
     nets = list(dict.fromkeys(r["net"] for r in runs))
-    for ax, family in zip(axes, ("plain", "resnet")):
+    families = [f for f in ("plain", "resnet") if any(n.startswith(f) for n in nets)] or ["plain", "resnet"]
+    fig = Figure(figsize=(5.5 * len(families), 4), layout="constrained")
+    axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
+    for ax, family in zip(axes, families):
         for k, net in enumerate(n for n in nets if n.startswith(family)):
             histories = [Path(r["history"]) for r in runs if r["net"] == net and Path(r["history"]).is_file()]
             colour = f"C{k}"

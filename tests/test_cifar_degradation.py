@@ -71,3 +71,19 @@ def test_merge_reproduction(tmp_path):
     clash = {"experiments": {"cifar_test_error": {**a["experiments"]["cifar_test_error"], "higher_is_better": True}}}
     with pytest.raises(ValueError, match="differ"):
         merge_reproduction.merge_reproduction([a, clash])
+
+
+def test_degradation_figure_has_a_panel_per_family_present(tmp_path):
+    """ResNets alone (a depth study of two ResNets) get one panel, not an empty plain-net one beside it."""
+    from matplotlib.image import imread
+
+    from experiments.figures import plot_degradation
+
+    history = tmp_path / "history.jsonl"
+    history.write_text("\n".join(json.dumps({"iteration": i, "train/error": 90.0 - i, "val/error": 95.0 - i})
+                                 for i in (10, 20, 30)))
+    widths = {}
+    for name, nets in (("resnets", ["resnet18", "resnet34"]), ("both", ["plain18", "resnet18"])):
+        plot_degradation([{"net": n, "history": str(history)} for n in nets], tmp_path / f"{name}.png")
+        widths[name] = imread(tmp_path / f"{name}.png").shape[1]
+    assert widths == {"resnets": 550, "both": 1100}
